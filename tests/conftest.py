@@ -1,0 +1,42 @@
+"""Test setup shared by every test module.
+
+TRITON_INTERPRET=1 is set before anything imports triton, so the Triton backend runs on CPU
+tensors here (the ahead-of-time compile tests run in a subprocess without it).
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import acq_kernels  # noqa: E402,F401
+from acq_kernels import _backend  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed_and_backend():
+    """Each test gets its own random draw (seeded by name, so a failure reproduces) and
+    leaves the backend choice as it found it."""
+    import zlib
+    name = os.environ.get("PYTEST_CURRENT_TEST", "")
+    torch.manual_seed(zlib.crc32(name.encode()) ^ int(os.environ.get("ACQ_TEST_SEED", "0")))
+    before = _backend._global_choice
+    yield
+    _backend._global_choice = before
+
+
+def cpu_backends():
+    """Backends that can run on CPU tensors in this process (Triton via the interpreter)."""
+    return _backend.usable_backends(torch.device("cpu"))
