@@ -4,7 +4,7 @@
 #include <Python.h>
 #include <torch/extension.h>
 
-#include "generated/build_config.h"
+#include <generated/build_config.h>  // <>: the -I order picks this build's copy
 
 #ifndef ACQ_CUDA_ARCHS
 #define ACQ_CUDA_ARCHS ""
