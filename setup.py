@@ -93,9 +93,10 @@ def _ext_modules():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp")
                      + glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
-    # -fno-math-errno lets loops with floor/sqrt vectorise; parallelism is at::parallel_for
-    # (torch's own thread pool), so no -fopenmp of ours.
-    cxx = ["-O3", "-fno-math-errno"]  # torch picks the C++ standard it needs
+    # -fno-math-errno lets loops with floor/sqrt vectorise. -fopenmp is what makes the inline
+    # at::parallel_for of ATen/ParallelOpenMP.h actually parallel (without it _OPENMP is
+    # undefined and it runs serially); libgomp.so.1 then resolves to the copy torch loaded.
+    cxx = ["-O3", "-fno-math-errno", "-fopenmp"]  # torch picks the C++ standard it needs
     extra = {"cxx": cxx}
     config = {"ACQ_TORCH_VERSION": torch.__version__, "ACQ_WITH_CUDA": int(with_cuda)}
     if with_cuda:
@@ -121,7 +122,8 @@ def _ext_modules():
     else:
         Ext = ce.CppExtension
     _write_build_config(config)
-    ext = Ext("acq_kernels._C", sources, include_dirs=include_dirs, extra_compile_args=extra)
+    ext = Ext("acq_kernels._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
+              extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
 
 

@@ -30,10 +30,11 @@ class AotSpec:
     aligned: tuple = ()            # args with 16-byte-divisible values (pointers, sizes)
     streaming: bool = False        # a bandwidth-bound kernel: must use 128-bit global loads
     num_warps: int = 4
+    options: dict = dataclasses.field(default_factory=dict)  # extra compile options, as launched
 
 
 def _analyse(ptx: str) -> dict:
-    widths = re.findall(r"ld\.global[\w.]*", ptx)
+    widths = re.findall(r"ld\.global[\w.:]*", ptx)  # incl. cache hints (L1::evict_first)
     vec = [w for w in widths if ".v4" in w or ".v2" in w]
     return {
         "global_loads": len(widths),
@@ -53,7 +54,7 @@ def compile_spec(spec: AotSpec, arch: int) -> dict:
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in spec.aligned}
     src = ASTSource(spec.kernel, spec.signature, spec.constexprs, attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": spec.num_warps})
+                              options={"num_warps": spec.num_warps, **spec.options})
     info = _analyse(compiled.asm["ptx"])
     info.update(name=spec.name, arch=arch, streaming=spec.streaming,
                 cubin_bytes=len(compiled.asm["cubin"]),
