@@ -1,0 +1,347 @@
+"""Triton kernels of the spatial-attention family.
+
+Forward: `_attn_map_kernel` reads F once. One program owns one sample x BLOCK_HW pixels and loops
+over C, accumulating |F|^p in fp32; it writes the fp32 map. When one block covers the whole map
+(FINALIZE) the same program also computes norm, sum and center and writes every output; otherwise
+`_attn_finalize_kernel` does that from the fp32 map ([N, HW], C times smaller than F).
+Backward: `_attn_feat_grad_kernel` reads F and dA once and writes dF once.
+Loss: `_pair_sq_dist_fwd_kernel` / `_pair_sq_dist_bwd_kernel`, one program per row.
+
+Layouts: CHANNELS_LAST=False addresses F as n*stride_n + c*stride_c + s (pixels contiguous:
+NCHW and channel slices of it); CHANNELS_LAST=True as n*stride_n + s*stride_s + c (channels
+contiguous: channels_last and channel slices of it). Tiles are [BLOCK_C, BLOCK_HW] either way;
+Triton's coalescing picks the contiguous axis from the offsets.
+"""
+import triton
+import triton.language as tl
+
+from .._aot import AotSpec
+
+EPS = tl.constexpr(1e-12)  # as reference.EPS
+
+
+@triton.jit
+def _pow_abs(x, p, P_IS_TWO: tl.constexpr):
+    if P_IS_TWO:
+        return x * x
+    else:
+        # exp(p log|x|): 0 at x == 0 (exp(-inf)), NaN stays NaN.
+        return tl.exp(p * tl.log(tl.abs(x)))
+
+
+@triton.jit
+def _finalize_block(a, s, smask, W, H, n, amap_ptr, anorm_ptr, center_ptr, stats_ptr):
+    """All outputs of one sample whose whole fp32 map `a` (masked to 0) is in this block."""
+    w = s % W
+    h = s // W
+    u = (2 * w + 1).to(tl.float32) / W - 1.0
+    v = (2 * h + 1).to(tl.float32) / H - 1.0
+    sq = tl.sum(a * a, axis=0)
+    tot = tl.sum(a, axis=0)
+    sx = tl.sum(a * u, axis=0)
+    sy = tl.sum(a * v, axis=0)
+    norm = tl.sqrt(sq)
+    inv = 1.0 / tl.where(norm < EPS, EPS, norm)  # not tl.maximum: it drops NaN
+    zero = tot == 0.0
+    cx = tl.where(zero, 0.0, sx / tl.where(zero, 1.0, tot))
+    cy = tl.where(zero, 0.0, sy / tl.where(zero, 1.0, tot))
+    HW = H * W
+    dt = amap_ptr.dtype.element_ty
+    tl.store(amap_ptr + n * HW + s, a.to(dt), mask=smask)
+    tl.store(anorm_ptr + n * HW + s, (a * inv).to(dt), mask=smask)
+    tl.store(center_ptr + n * 2, cx.to(dt))
+    tl.store(center_ptr + n * 2 + 1, cy.to(dt))
+    tl.store(stats_ptr + n * 4, norm)
+    tl.store(stats_ptr + n * 4 + 1, tot)
+    tl.store(stats_ptr + n * 4 + 2, cx)
+    tl.store(stats_ptr + n * 4 + 3, cy)
+
+
+@triton.jit
+def _attn_map_kernel(f_ptr, a32_ptr, amap_ptr, anorm_ptr, center_ptr, stats_ptr,
+                     C, HW, H, W, stride_n, stride_c, stride_s, n_hw_blocks, p,
+                     CHANNELS_LAST: tl.constexpr, P_IS_TWO: tl.constexpr,
+                     FINALIZE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    pid = tl.program_id(0)
+    n = pid // n_hw_blocks
+    hb = pid % n_hw_blocks
+    s = hb * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    smask = s < HW
+    cs = tl.arange(0, BLOCK_C)
+    base = f_ptr + n.to(tl.int64) * stride_n
+    acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + cs
+        if CHANNELS_LAST:
+            off = c[:, None] + s[None, :] * stride_s
+        else:
+            off = c[:, None] * stride_c + s[None, :]
+        m = (c < C)[:, None] & smask[None, :]
+        x = tl.load(base + off, mask=m, other=0.0).to(tl.float32)
+        acc += _pow_abs(x, p, P_IS_TWO)
+    a = tl.sum(acc, axis=0) / C
+    tl.store(a32_ptr + n * HW + s, a, mask=smask)
+    if FINALIZE:
+        _finalize_block(a, s, smask, W, H, n, amap_ptr, anorm_ptr, center_ptr, stats_ptr)
+
+
+@triton.jit
+def _attn_finalize_kernel(a32_ptr, amap_ptr, anorm_ptr, center_ptr, stats_ptr, H, W,
+                          BLOCK: tl.constexpr):
+    """Second pass over the fp32 map of one sample when it spans several forward programs."""
+    n = tl.program_id(0)
+    HW = H * W
+    row = a32_ptr + n * HW
+    sq = tl.zeros([BLOCK], dtype=tl.float32)
+    tot = tl.zeros([BLOCK], dtype=tl.float32)
+    sx = tl.zeros([BLOCK], dtype=tl.float32)
+    sy = tl.zeros([BLOCK], dtype=tl.float32)
+    for s0 in range(0, HW, BLOCK):
+        s = s0 + tl.arange(0, BLOCK)
+        m = s < HW
+        a = tl.load(row + s, mask=m, other=0.0)
+        w = s % W
+        h = s // W
+        sq += a * a
+        tot += a
+        sx += a * ((2 * w + 1).to(tl.float32) / W - 1.0)
+        sy += a * ((2 * h + 1).to(tl.float32) / H - 1.0)
+    sq_t = tl.sum(sq, axis=0)
+    tot_t = tl.sum(tot, axis=0)
+    norm = tl.sqrt(sq_t)
+    inv = 1.0 / tl.where(norm < EPS, EPS, norm)  # not tl.maximum: it drops NaN
+    zero = tot_t == 0.0
+    cx = tl.where(zero, 0.0, tl.sum(sx, axis=0) / tl.where(zero, 1.0, tot_t))
+    cy = tl.where(zero, 0.0, tl.sum(sy, axis=0) / tl.where(zero, 1.0, tot_t))
+    dt = amap_ptr.dtype.element_ty
+    for s0 in range(0, HW, BLOCK):
+        s = s0 + tl.arange(0, BLOCK)
+        m = s < HW
+        a = tl.load(row + s, mask=m, other=0.0)
+        tl.store(amap_ptr + n * HW + s, a.to(dt), mask=m)
+        tl.store(anorm_ptr + n * HW + s, (a * inv).to(dt), mask=m)
+    tl.store(center_ptr + n * 2, cx.to(dt))
+    tl.store(center_ptr + n * 2 + 1, cy.to(dt))
+    tl.store(stats_ptr + n * 4, norm)
+    tl.store(stats_ptr + n * 4 + 1, tot_t)
+    tl.store(stats_ptr + n * 4 + 2, cx)
+    tl.store(stats_ptr + n * 4 + 3, cy)
+
+
+@triton.jit
+def _attn_map_grad_kernel(a32_ptr, stats_ptr, ga_ptr, gn_ptr, gc_ptr, da_ptr, H, W,
+                          HAS_GA: tl.constexpr, HAS_GN: tl.constexpr, HAS_GC: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """dA [N, HW] fp32 for one sample from the output grads (see reference.map_grad):
+    dA = g_amap + (g_anorm - an <an, g_anorm>) / ||A|| + (gx (u - cx) + gy (v - cy)) / sum A."""
+    n = tl.program_id(0)
+    HW = H * W
+    row = n * HW
+    norm = tl.load(stats_ptr + n * 4)
+    tot = tl.load(stats_ptr + n * 4 + 1)
+    cx = tl.load(stats_ptr + n * 4 + 2)
+    cy = tl.load(stats_ptr + n * 4 + 3)
+    active = norm >= EPS  # F.normalize's clamp_min passes grads where norm >= eps
+    denom = tl.where(active, norm, EPS)
+    dot = 0.0
+    if HAS_GN:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for s0 in range(0, HW, BLOCK):
+            s = s0 + tl.arange(0, BLOCK)
+            m = s < HW
+            a = tl.load(a32_ptr + row + s, mask=m, other=0.0)
+            g = tl.load(gn_ptr + row + s, mask=m, other=0.0).to(tl.float32)
+            acc += (a / denom) * g
+        dot = tl.where(active, tl.sum(acc, axis=0), 0.0)
+    gx = 0.0
+    gy = 0.0
+    if HAS_GC:
+        gx = tl.load(gc_ptr + n * 2).to(tl.float32)
+        gy = tl.load(gc_ptr + n * 2 + 1).to(tl.float32)
+    zero_map = tot == 0.0
+    inv_tot = 1.0 / tl.where(zero_map, 1.0, tot)
+    for s0 in range(0, HW, BLOCK):
+        s = s0 + tl.arange(0, BLOCK)
+        m = s < HW
+        d = tl.zeros([BLOCK], dtype=tl.float32)
+        if HAS_GA:
+            d += tl.load(ga_ptr + row + s, mask=m, other=0.0).to(tl.float32)
+        if HAS_GN:
+            a = tl.load(a32_ptr + row + s, mask=m, other=0.0)
+            g = tl.load(gn_ptr + row + s, mask=m, other=0.0).to(tl.float32)
+            d += (g - (a / denom) * dot) / denom
+        if HAS_GC:
+            w = s % W
+            h = s // W
+            u = (2 * w + 1).to(tl.float32) / W - 1.0
+            v = (2 * h + 1).to(tl.float32) / H - 1.0
+            d += tl.where(zero_map, 0.0, (gx * (u - cx) + gy * (v - cy)) * inv_tot)
+        tl.store(da_ptr + row + s, d, mask=m)
+
+
+@triton.jit
+def _attn_feat_grad_kernel(f_ptr, da_ptr, df_ptr, C, HW,
+                           f_stride_n, f_stride_c, f_stride_s,
+                           g_stride_n, g_stride_c, g_stride_s,
+                           n_hw_blocks, scale, pm1,
+                           CHANNELS_LAST: tl.constexpr, P_IS_TWO: tl.constexpr,
+                           BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """dF = dA[n, s] * scale * g(F); g = F (p == 2, scale = 2/C) or sign(F)|F|^(p-1)
+    (scale = p/C), 0 at F == 0."""
+    pid = tl.program_id(0)
+    n = pid // n_hw_blocks
+    hb = pid % n_hw_blocks
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = hb * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    smask = s < HW
+    m = (c < C)[:, None] & smask[None, :]
+    da = tl.load(da_ptr + n * HW + s, mask=smask, other=0.0) * scale
+    if CHANNELS_LAST:
+        f_off = c[:, None] + s[None, :] * f_stride_s
+        g_off = c[:, None] + s[None, :] * g_stride_s
+    else:
+        f_off = c[:, None] * f_stride_c + s[None, :]
+        g_off = c[:, None] * g_stride_c + s[None, :]
+    nl = n.to(tl.int64)
+    x = tl.load(f_ptr + nl * f_stride_n + f_off, mask=m, other=0.0).to(tl.float32)
+    if P_IS_TWO:
+        g = x
+    else:
+        # log of 1 at x == 0 keeps 0 * -inf (p == 1) and exp(+inf) (p < 1) out of the way.
+        mag = tl.exp(pm1 * tl.log(tl.where(x == 0.0, 1.0, tl.abs(x))))
+        g = tl.where(x == 0.0, 0.0, tl.where(x > 0.0, mag, -mag))
+    out = da[None, :] * g
+    tl.store(df_ptr + nl * g_stride_n + g_off, out.to(df_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _pair_sq_dist_fwd_kernel(a_ptr, b_ptr, out_ptr, K, stride_a, stride_b, BLOCK: tl.constexpr):
+    """out[n] = sum_k (a[n, k] - b[n, k])^2 in fp32 (rows contiguous along k)."""
+    n = tl.program_id(0)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        m = k < K
+        a = tl.load(a_ptr + n.to(tl.int64) * stride_a + k, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + n.to(tl.int64) * stride_b + k, mask=m, other=0.0).to(tl.float32)
+        d = a - b
+        acc += d * d
+    tl.store(out_ptr + n, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _pair_sq_dist_bwd_kernel(a_ptr, b_ptr, g_ptr, ga_ptr, gb_ptr, K, stride_a, stride_b,
+                             stride_ga, stride_gb,
+                             WRITE_A: tl.constexpr, WRITE_B: tl.constexpr, BLOCK: tl.constexpr):
+    """ga = 2 (a - b) g[n], gb = -ga, one read of a and b."""
+    n = tl.program_id(0)
+    g2 = 2.0 * tl.load(g_ptr + n).to(tl.float32)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        m = k < K
+        a = tl.load(a_ptr + n.to(tl.int64) * stride_a + k, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + n.to(tl.int64) * stride_b + k, mask=m, other=0.0).to(tl.float32)
+        d = (a - b) * g2
+        if WRITE_A:
+            tl.store(ga_ptr + n.to(tl.int64) * stride_ga + k, d.to(ga_ptr.dtype.element_ty), mask=m)
+        if WRITE_B:
+            tl.store(gb_ptr + n.to(tl.int64) * stride_gb + k, (-d).to(gb_ptr.dtype.element_ty),
+                     mask=m)
+
+
+# ---- launch configuration (shared by the launchers and the AOT specs) ----
+
+def map_blocks(C: int, HW: int, channels_last: bool):
+    """(BLOCK_C, BLOCK_HW) of the forward tile: ~2K elements, wide along the contiguous axis."""
+    if channels_last:
+        bc = min(triton.next_power_of_2(C), 64)
+        bhw = min(triton.next_power_of_2(HW), max(1, 2048 // bc))
+    else:
+        bhw = min(triton.next_power_of_2(HW), 256)
+        bc = min(triton.next_power_of_2(C), max(1, 2048 // bhw))
+    return bc, bhw
+
+
+def grad_blocks(C: int, HW: int, channels_last: bool):
+    return map_blocks(C, HW, channels_last)
+
+
+def _aot_specs():
+    specs = []
+    for dt, tag in (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16")):
+        for cl in (False, True):
+            lay = "nhwc" if cl else "nchw"
+            # 64x56x56 (ResNet-18 stage 1): the streaming case that sets the bandwidth target.
+            bc, bhw = map_blocks(64, 3136, cl)
+            specs.append(AotSpec(
+                name=f"attn_map_fwd[{tag},{lay}]", kernel=_attn_map_kernel,
+                signature={"f_ptr": f"*{dt}", "a32_ptr": "*fp32", "amap_ptr": f"*{dt}",
+                           "anorm_ptr": f"*{dt}", "center_ptr": f"*{dt}", "stats_ptr": "*fp32",
+                           "C": "i32", "HW": "i32", "H": "i32", "W": "i32", "stride_n": "i32",
+                           "stride_c": "i32", "stride_s": "i32", "n_hw_blocks": "i32",
+                           "p": "fp32", "CHANNELS_LAST": "constexpr", "P_IS_TWO": "constexpr",
+                           "FINALIZE": "constexpr", "BLOCK_C": "constexpr",
+                           "BLOCK_HW": "constexpr"},
+                constexprs={"CHANNELS_LAST": cl, "P_IS_TWO": True, "FINALIZE": False,
+                            "BLOCK_C": bc, "BLOCK_HW": bhw},
+                aligned=("f_ptr", "a32_ptr", "C", "HW", "stride_n", "stride_c", "stride_s"),
+                streaming=True))
+            specs.append(AotSpec(
+                name=f"attn_feat_grad[{tag},{lay}]", kernel=_attn_feat_grad_kernel,
+                signature={"f_ptr": f"*{dt}", "da_ptr": "*fp32", "df_ptr": f"*{dt}", "C": "i32",
+                           "HW": "i32", "f_stride_n": "i32", "f_stride_c": "i32",
+                           "f_stride_s": "i32", "g_stride_n": "i32", "g_stride_c": "i32",
+                           "g_stride_s": "i32", "n_hw_blocks": "i32", "scale": "fp32",
+                           "pm1": "fp32", "CHANNELS_LAST": "constexpr", "P_IS_TWO": "constexpr",
+                           "BLOCK_C": "constexpr", "BLOCK_HW": "constexpr"},
+                constexprs={"CHANNELS_LAST": cl, "P_IS_TWO": True, "BLOCK_C": bc,
+                            "BLOCK_HW": bhw},
+                aligned=("f_ptr", "da_ptr", "df_ptr", "C", "HW", "f_stride_n", "f_stride_c",
+                         "f_stride_s", "g_stride_n", "g_stride_c", "g_stride_s"),
+                streaming=True))
+    # 512x7x7 (ResNet-18 stage 4): one program covers the map, so it finalizes in place; general p.
+    bc, bhw = map_blocks(512, 49, False)
+    specs.append(AotSpec(
+        name="attn_map_fwd_fused[fp32,nchw,p]", kernel=_attn_map_kernel,
+        signature={"f_ptr": "*fp32", "a32_ptr": "*fp32", "amap_ptr": "*fp32",
+                   "anorm_ptr": "*fp32", "center_ptr": "*fp32", "stats_ptr": "*fp32",
+                   "C": "i32", "HW": "i32", "H": "i32", "W": "i32", "stride_n": "i32",
+                   "stride_c": "i32",
+                   "stride_s": "i32", "n_hw_blocks": "i32", "p": "fp32",
+                   "CHANNELS_LAST": "constexpr", "P_IS_TWO": "constexpr", "FINALIZE": "constexpr",
+                   "BLOCK_C": "constexpr", "BLOCK_HW": "constexpr"},
+        constexprs={"CHANNELS_LAST": False, "P_IS_TWO": False, "FINALIZE": True, "BLOCK_C": bc,
+                    "BLOCK_HW": bhw},
+        aligned=("f_ptr",)))
+    specs.append(AotSpec(
+        name="attn_finalize[bf16]", kernel=_attn_finalize_kernel,
+        signature={"a32_ptr": "*fp32", "amap_ptr": "*bf16", "anorm_ptr": "*bf16",
+                   "center_ptr": "*bf16", "stats_ptr": "*fp32", "H": "i32", "W": "i32",
+                   "BLOCK": "constexpr"},
+        constexprs={"BLOCK": 1024}, aligned=("a32_ptr",)))
+    specs.append(AotSpec(
+        name="attn_map_grad[bf16]", kernel=_attn_map_grad_kernel,
+        signature={"a32_ptr": "*fp32", "stats_ptr": "*fp32", "ga_ptr": "*bf16",
+                   "gn_ptr": "*bf16", "gc_ptr": "*bf16", "da_ptr": "*fp32", "H": "i32",
+                   "W": "i32", "HAS_GA": "constexpr", "HAS_GN": "constexpr", "HAS_GC": "constexpr",
+                   "BLOCK": "constexpr"},
+        constexprs={"HAS_GA": True, "HAS_GN": True, "HAS_GC": True, "BLOCK": 1024},
+        aligned=("a32_ptr", "da_ptr")))
+    specs.append(AotSpec(
+        name="pair_sq_dist_fwd[bf16]", kernel=_pair_sq_dist_fwd_kernel,
+        signature={"a_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*fp32", "K": "i32",
+                   "stride_a": "i32", "stride_b": "i32", "BLOCK": "constexpr"},
+        constexprs={"BLOCK": 1024}, aligned=("a_ptr", "b_ptr", "K", "stride_a", "stride_b")))
+    specs.append(AotSpec(
+        name="pair_sq_dist_bwd[bf16]", kernel=_pair_sq_dist_bwd_kernel,
+        signature={"a_ptr": "*bf16", "b_ptr": "*bf16", "g_ptr": "*fp32", "ga_ptr": "*bf16",
+                   "gb_ptr": "*bf16", "K": "i32", "stride_a": "i32", "stride_b": "i32",
+                   "stride_ga": "i32", "stride_gb": "i32", "WRITE_A": "constexpr",
+                   "WRITE_B": "constexpr", "BLOCK": "constexpr"},
+        constexprs={"WRITE_A": True, "WRITE_B": True, "BLOCK": 1024},
+        aligned=("a_ptr", "b_ptr", "ga_ptr", "gb_ptr", "K", "stride_a", "stride_b", "stride_ga",
+                 "stride_gb")))
+    return specs
+
+
+AOT_SPECS = _aot_specs()

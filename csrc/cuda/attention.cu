@@ -1,0 +1,342 @@
+// CUDA kernels of the spatial-attention family; see attention.cuh.
+#include "cuda/attention.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace acq::cuda {
+namespace {
+
+constexpr float kEps = 1e-12f;  // norm clamp, as acq_kernels.attention.reference.EPS
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxGridY = 65535;
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+template <bool kSquare>
+__device__ __forceinline__ float pow_abs(float x, float p) {
+  if constexpr (kSquare) {
+    return x * x;
+  } else {
+    return expf(p * logf(fabsf(x)));  // 0 at x == 0 (exp(-inf)); NaN stays NaN
+  }
+}
+
+// Pixels contiguous: a block covers block_s pixels (coalesced) x kThreads/block_s channel
+// groups, so small maps (7x7) still keep every thread busy; groups combine in shared memory.
+template <typename T, bool kSquare>
+__global__ void map_nchw_kernel(const T* __restrict__ f, float* __restrict__ a32, int64_t N,
+                                int C, int HW, int64_t stride_n, int64_t stride_c, float p,
+                                int block_s) {
+  __shared__ float part[kThreads];
+  const int groups = kThreads / block_s;
+  const int ls = threadIdx.x % block_s, grp = threadIdx.x / block_s;
+  const int s = blockIdx.x * block_s + ls;
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
+    float acc0 = 0.f, acc1 = 0.f;  // two independent chains keep more loads in flight
+    if (s < HW) {
+      const T* x = f + n * stride_n + s;
+      int c = grp;
+      for (; c + groups < C; c += 2 * groups) {
+        acc0 += pow_abs<kSquare>(to_f32(x[c * stride_c]), p);
+        acc1 += pow_abs<kSquare>(to_f32(x[(c + groups) * stride_c]), p);
+      }
+      if (c < C) acc0 += pow_abs<kSquare>(to_f32(x[c * stride_c]), p);
+    }
+    part[threadIdx.x] = acc0 + acc1;
+    __syncthreads();
+    if (grp == 0 && s < HW) {
+      float tot = 0.f;
+      for (int g = 0; g < groups; ++g) tot += part[g * block_s + ls];
+      a32[n * HW + s] = tot / static_cast<float>(C);
+    }
+    __syncthreads();
+  }
+}
+
+// Channels contiguous: one warp per pixel, lanes over channels, shuffle reduction.
+template <typename T, bool kSquare>
+__global__ void map_nhwc_kernel(const T* __restrict__ f, float* __restrict__ a32, int64_t N,
+                                int C, int HW, int64_t stride_n, int64_t stride_s, float p) {
+  const int lane = threadIdx.x & 31;
+  const int s = blockIdx.x * kWarps + (threadIdx.x >> 5);
+  if (s >= HW) return;
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
+    const T* x = f + n * stride_n + static_cast<int64_t>(s) * stride_s;
+    float acc = 0.f;
+    for (int c = lane; c < C; c += 32) acc += pow_abs<kSquare>(to_f32(x[c]), p);
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) a32[n * HW + s] = acc / static_cast<float>(C);
+  }
+}
+
+// Block-wide sum of 4 values; every thread gets the totals.
+__device__ __forceinline__ void block_sum4(float v[4]) {
+  __shared__ float buf[kWarps][4];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+    for (int off = 16; off > 0; off >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], off);
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) buf[warp][k] = v[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    float t = 0.f;
+    for (int w = 0; w < kWarps; ++w) t += buf[w][k];
+    v[k] = t;
+  }
+}
+
+// One block per sample: norm, sum and center of the fp32 map ([N, HW], C times smaller than F).
+template <typename T>
+__global__ void finalize_kernel(const float* __restrict__ a32, T* __restrict__ amap,
+                                T* __restrict__ anorm, T* __restrict__ center,
+                                float* __restrict__ stats, int H, int W) {
+  const int64_t n = blockIdx.x;
+  const int HW = H * W;
+  const float* a = a32 + n * HW;
+  float v[4] = {0.f, 0.f, 0.f, 0.f};  // sum A^2, sum A, sum A*u, sum A*v
+  for (int s = threadIdx.x; s < HW; s += kThreads) {
+    const float val = a[s];
+    const int h = s / W, w = s - h * W;
+    const float u = static_cast<float>(2 * w + 1) / static_cast<float>(W) - 1.f;
+    const float vv = static_cast<float>(2 * h + 1) / static_cast<float>(H) - 1.f;
+    v[0] += val * val;
+    v[1] += val;
+    v[2] += val * u;
+    v[3] += val * vv;
+  }
+  block_sum4(v);
+  const float norm = sqrtf(v[0]);
+  const float denom = norm < kEps ? kEps : norm;  // not fmaxf: it drops NaN
+  const float cx = v[1] == 0.f ? 0.f : v[2] / v[1];
+  const float cy = v[1] == 0.f ? 0.f : v[3] / v[1];
+  for (int s = threadIdx.x; s < HW; s += kThreads) {
+    const float val = a[s];
+    amap[n * HW + s] = from_f32<T>(val);
+    anorm[n * HW + s] = from_f32<T>(val / denom);
+  }
+  if (threadIdx.x == 0) {
+    center[2 * n] = from_f32<T>(cx);
+    center[2 * n + 1] = from_f32<T>(cy);
+    stats[4 * n] = norm;
+    stats[4 * n + 1] = v[1];
+    stats[4 * n + 2] = cx;
+    stats[4 * n + 3] = cy;
+  }
+}
+
+// One block per sample: <an, g_anorm> by a block reduction, then dA for every pixel.
+__global__ void map_grad_kernel(const float* __restrict__ a32, const float* __restrict__ stats,
+                                const float* __restrict__ g_amap,
+                                const float* __restrict__ g_anorm,
+                                const float* __restrict__ g_center, int H, int W,
+                                float* __restrict__ dA) {
+  const int64_t n = blockIdx.x;
+  const int HW = H * W;
+  const float* a = a32 + n * HW;
+  const float norm = stats[4 * n], tot = stats[4 * n + 1];
+  const float cx = stats[4 * n + 2], cy = stats[4 * n + 3];
+  const bool active = norm >= kEps;  // F.normalize's clamp_min passes grads where norm >= eps
+  const float denom = active ? norm : kEps;
+  float dot = 0.f;
+  if (g_anorm != nullptr) {
+    float v[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int s = threadIdx.x; s < HW; s += kThreads) v[0] += (a[s] / denom) * g_anorm[n * HW + s];
+    block_sum4(v);
+    dot = active ? v[0] : 0.f;
+  }
+  const float gx = g_center != nullptr ? g_center[2 * n] : 0.f;
+  const float gy = g_center != nullptr ? g_center[2 * n + 1] : 0.f;
+  const bool center_term = g_center != nullptr && tot != 0.f;
+  for (int s = threadIdx.x; s < HW; s += kThreads) {
+    float d = g_amap != nullptr ? g_amap[n * HW + s] : 0.f;
+    if (g_anorm != nullptr) d += (g_anorm[n * HW + s] - (a[s] / denom) * dot) / denom;
+    if (center_term) {
+      const int h = s / W, w = s - h * W;
+      const float u = static_cast<float>(2 * w + 1) / static_cast<float>(W) - 1.f;
+      const float vv = static_cast<float>(2 * h + 1) / static_cast<float>(H) - 1.f;
+      d += (gx * (u - cx) + gy * (vv - cy)) / tot;
+    }
+    dA[n * HW + s] = d;
+  }
+}
+
+template <bool kSquare>
+__device__ __forceinline__ float grad_elem(float x, float d, float pm1) {
+  if constexpr (kSquare) {
+    return d * x;
+  } else {
+    const float mag = d * expf(pm1 * logf(x == 0.f ? 1.f : fabsf(x)));  // no inf/NaN at 0
+    return x == 0.f ? 0.f : (x > 0.f ? mag : -mag);
+  }
+}
+
+// Elementwise over all N*C*HW elements in memory-friendly order (the contiguous axis fastest);
+// Index is uint32_t when the count allows (cheaper divisions), else uint64_t.
+template <typename T, bool kSquare, bool kChannelsLast, typename Index>
+__global__ void feat_bwd_kernel(const T* __restrict__ f, const float* __restrict__ dA,
+                                T* __restrict__ df, Index total, Index C, Index HW, int64_t in_n,
+                                int64_t in_mid, int64_t out_n, int64_t out_mid, float scale,
+                                float pm1) {
+  const Index inner = kChannelsLast ? C : HW;
+  const Index outer = kChannelsLast ? HW : C;
+  for (Index idx = static_cast<Index>(blockIdx.x) * kThreads + threadIdx.x; idx < total;
+       idx += static_cast<Index>(gridDim.x) * kThreads) {
+    const Index i = idx % inner;
+    const Index r = idx / inner;
+    const Index n = r / outer;
+    const Index m = r - n * outer;  // c (nchw) or s (nhwc)
+    const float d = (kChannelsLast ? dA[r] : dA[n * HW + i]) * scale;
+    const int64_t in_off = static_cast<int64_t>(n) * in_n + static_cast<int64_t>(m) * in_mid + i;
+    const float x = to_f32(f[in_off]);
+    df[static_cast<int64_t>(n) * out_n + static_cast<int64_t>(m) * out_mid + i] =
+        from_f32<T>(grad_elem<kSquare>(x, d, pm1));
+  }
+}
+
+inline unsigned grid_y(int64_t rows) {
+  return static_cast<unsigned>(rows < kMaxGridY ? (rows > 0 ? rows : 1) : kMaxGridY);
+}
+
+template <typename T>
+cudaError_t map_fwd_typed(const T* f, const AttnGeom& g, float p, float* a32, T* amap, T* anorm,
+                          T* center, float* stats, cudaStream_t stream) {
+  const int C = static_cast<int>(g.C), HW = static_cast<int>(g.H * g.W);
+  const bool square = p == 2.f;
+  if (g.channels_last) {
+    dim3 grid((HW + kWarps - 1) / kWarps, grid_y(g.N));
+    if (square)
+      map_nhwc_kernel<T, true><<<grid, kThreads, 0, stream>>>(f, a32, g.N, C, HW, g.stride_n,
+                                                              g.stride_s, p);
+    else
+      map_nhwc_kernel<T, false><<<grid, kThreads, 0, stream>>>(f, a32, g.N, C, HW, g.stride_n,
+                                                               g.stride_s, p);
+  } else {
+    int block_s = 32;  // pixels per block: the smallest power of two >= HW, 32..kThreads
+    while (block_s < HW && block_s < kThreads) block_s *= 2;
+    dim3 grid((HW + block_s - 1) / block_s, grid_y(g.N));
+    if (square)
+      map_nchw_kernel<T, true><<<grid, kThreads, 0, stream>>>(f, a32, g.N, C, HW, g.stride_n,
+                                                              g.stride_c, p, block_s);
+    else
+      map_nchw_kernel<T, false><<<grid, kThreads, 0, stream>>>(f, a32, g.N, C, HW, g.stride_n,
+                                                               g.stride_c, p, block_s);
+  }
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  finalize_kernel<T><<<static_cast<unsigned>(g.N), kThreads, 0, stream>>>(
+      a32, amap, anorm, center, stats, static_cast<int>(g.H), static_cast<int>(g.W));
+  return cudaGetLastError();
+}
+
+template <typename T, bool kChannelsLast, typename Index>
+cudaError_t feat_bwd_indexed(const T* f, const float* dA, T* df, const AttnGeom& g,
+                             int64_t out_n, int64_t out_mid, float p, cudaStream_t stream) {
+  const int64_t total = g.N * g.C * g.H * g.W;
+  const int64_t in_mid = kChannelsLast ? g.stride_s : g.stride_c;
+  // Enough blocks to fill any current GPU; the grid-stride loop covers the rest.
+  const int64_t blocks_needed = (total + kThreads - 1) / kThreads;
+  const unsigned blocks = static_cast<unsigned>(blocks_needed < 65536 ? blocks_needed : 65536);
+  const Index C = static_cast<Index>(g.C), HW = static_cast<Index>(g.H * g.W);
+  const float pm1 = p - 1.f;
+  if (p == 2.f)
+    feat_bwd_kernel<T, true, kChannelsLast, Index><<<blocks, kThreads, 0, stream>>>(
+        f, dA, df, static_cast<Index>(total), C, HW, g.stride_n, in_mid, out_n, out_mid,
+        2.f / static_cast<float>(g.C), pm1);
+  else
+    feat_bwd_kernel<T, false, kChannelsLast, Index><<<blocks, kThreads, 0, stream>>>(
+        f, dA, df, static_cast<Index>(total), C, HW, g.stride_n, in_mid, out_n, out_mid,
+        p / static_cast<float>(g.C), pm1);
+  return cudaGetLastError();
+}
+
+template <typename T, bool kChannelsLast>
+cudaError_t feat_bwd_layout(const T* f, const float* dA, T* df, const AttnGeom& g, int64_t out_n,
+                            int64_t out_mid, float p, cudaStream_t stream) {
+  // The grid-stride loop may step up to one grid past `total`; keep that below 2^32.
+  const int64_t total = g.N * g.C * g.H * g.W;
+  if (total + 65536LL * kThreads < (1LL << 32))
+    return feat_bwd_indexed<T, kChannelsLast, uint32_t>(f, dA, df, g, out_n, out_mid, p, stream);
+  return feat_bwd_indexed<T, kChannelsLast, uint64_t>(f, dA, df, g, out_n, out_mid, p, stream);
+}
+
+template <typename T>
+cudaError_t feat_bwd_typed(const T* f, const float* dA, T* df, const AttnGeom& g, int64_t out_n,
+                           int64_t out_c, int64_t out_s, float p, cudaStream_t stream) {
+  if (g.channels_last) return feat_bwd_layout<T, true>(f, dA, df, g, out_n, out_s, p, stream);
+  return feat_bwd_layout<T, false>(f, dA, df, g, out_n, out_c, p, stream);
+}
+
+}  // namespace
+
+cudaError_t attention_map_grad(const float* a32, const float* stats, const float* g_amap,
+                               const float* g_anorm, const float* g_center, int64_t N, int64_t H,
+                               int64_t W, float* dA, cudaStream_t stream) {
+  if (N == 0) return cudaSuccess;
+  map_grad_kernel<<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+      a32, stats, g_amap, g_anorm, g_center, static_cast<int>(H), static_cast<int>(W), dA);
+  return cudaGetLastError();
+}
+
+cudaError_t attention_map_fwd(const void* f, AttnDtype dtype, const AttnGeom& g, float p,
+                              float* a32, void* amap, void* anorm, void* center, float* stats,
+                              cudaStream_t stream) {
+  if (g.N == 0) return cudaSuccess;
+  switch (dtype) {
+    case AttnDtype::kFloat32:
+      return map_fwd_typed(static_cast<const float*>(f), g, p, a32, static_cast<float*>(amap),
+                           static_cast<float*>(anorm), static_cast<float*>(center), stats,
+                           stream);
+    case AttnDtype::kFloat16:
+      return map_fwd_typed(static_cast<const __half*>(f), g, p, a32, static_cast<__half*>(amap),
+                           static_cast<__half*>(anorm), static_cast<__half*>(center), stats,
+                           stream);
+    case AttnDtype::kBFloat16:
+      return map_fwd_typed(static_cast<const __nv_bfloat16*>(f), g, p, a32,
+                           static_cast<__nv_bfloat16*>(amap), static_cast<__nv_bfloat16*>(anorm),
+                           static_cast<__nv_bfloat16*>(center), stats, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t attention_feat_bwd(const void* f, AttnDtype dtype, const float* dA, void* df,
+                               const AttnGeom& in, int64_t out_stride_n, int64_t out_stride_c,
+                               int64_t out_stride_s, float p, cudaStream_t stream) {
+  if (in.N == 0) return cudaSuccess;
+  switch (dtype) {
+    case AttnDtype::kFloat32:
+      return feat_bwd_typed(static_cast<const float*>(f), dA, static_cast<float*>(df), in,
+                            out_stride_n, out_stride_c, out_stride_s, p, stream);
+    case AttnDtype::kFloat16:
+      return feat_bwd_typed(static_cast<const __half*>(f), dA, static_cast<__half*>(df), in,
+                            out_stride_n, out_stride_c, out_stride_s, p, stream);
+    case AttnDtype::kBFloat16:
+      return feat_bwd_typed(static_cast<const __nv_bfloat16*>(f), dA,
+                            static_cast<__nv_bfloat16*>(df), in, out_stride_n, out_stride_c,
+                            out_stride_s, p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace acq::cuda
