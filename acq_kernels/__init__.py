@@ -1,3 +1,8 @@
 """acq_kernels: fused kernels for data-free quantization."""
 __version__ = "0.1.0"
 from ._backend import get_backend, set_backend  # noqa: E402,F401
+from .fake_quant import (fake_quantize, fake_quantize_learnable,  # noqa: E402,F401
+                         fake_quantize_minmax, fake_quantize_moving_average)
+from .fake_quant.modules import FakeQuant, LearnableFakeQuant  # noqa: E402,F401
+from .attention import (attention_center_loss, attention_pair_distance,  # noqa: E402,F401
+                        attention_pair_hinge, attention_sq_distance, spatial_attention)

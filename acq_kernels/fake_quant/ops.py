@@ -1,0 +1,250 @@
+"""torch.library custom ops of the fake-quant family, their autograd, and backend dispatch.
+
+Each op runs one backend per call, chosen by `_backend.select`: the reference (pure PyTorch),
+the Triton kernels, or the extension's `torch.ops.acq_kernels_C` operators (cpu/cuda) when the
+extension provides them. All backends follow the same contract (see reference.py), including
+the bit-packed mask, so the saved state of a forward can be consumed by any backward.
+
+Arguments are validated by functional.py before they get here.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from .. import _backend, _extension
+from . import reference
+
+
+@functools.lru_cache(maxsize=None)
+def _ext_has(name: str) -> bool:
+    """Whether the compiled extension registers acq_kernels_C::<name> (it may be older)."""
+    if _extension.load() is None:
+        return False
+    try:
+        getattr(_extension.ops(), name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _supported(x: Tensor, name: str) -> tuple:
+    names = ["reference"]
+    if x.dtype != torch.float64:  # Triton kernels cover fp32/fp16/bf16
+        names.append("triton")
+    if _ext_has(name):
+        names += ["cuda", "cpu"]
+    return tuple(names)
+
+
+def _impl(x: Tensor, name: str):
+    """The function implementing contract op `name` for x's device on the selected backend."""
+    backend = _backend.select(x.device, supported=_supported(x, name), op=f"fake_quant.{name}")
+    if backend == "reference":
+        return getattr(reference, name)
+    if backend == "triton":
+        from . import triton_launch
+        return getattr(triton_launch, name)
+    return getattr(_extension.ops(), name)
+
+
+def _f32(t: Tensor) -> Tensor:
+    return t.to(torch.float32).reshape(-1).contiguous()
+
+
+def _restride(grad: Tensor, shape, stride) -> Tensor:
+    """grad laid out like the forward's output (the mask numbers elements in memory order)."""
+    if tuple(grad.stride()) == tuple(stride) or grad.numel() <= 1:
+        return grad
+    g = torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device)
+    g.copy_(grad)
+    return g
+
+
+def _mask_numel(n, save_mask: bool):
+    return (n + 7) // 8 if save_mask else 0
+
+
+# --- fake quant with fixed qparams ---------------------------------------------------------
+
+@torch.library.custom_op("acq_kernels::fake_quant", mutates_args=())
+def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int,
+               axis: int, save_mask: bool) -> tuple[Tensor, Tensor]:
+    """(out, packed mask); scale float32 [1]/[C], zero_point int32 [1]/[C], axis -1 = per-tensor."""
+    return _impl(x, "fq_forward")(x, scale, zero_point, quant_min, quant_max, axis, save_mask)
+
+
+@fake_quant.register_fake
+def _(x, scale, zero_point, quant_min, quant_max, axis, save_mask):
+    return torch.empty_like(x), x.new_empty(_mask_numel(x.numel(), save_mask), dtype=torch.uint8)
+
+
+@torch.library.custom_op("acq_kernels::fake_quant_mask_backward", mutates_args=())
+def fake_quant_mask_backward(grad: Tensor, mask: Tensor) -> Tensor:
+    """grad * mask bit (grad laid out like the forward's output)."""
+    return _impl(grad, "fq_mask_backward")(grad, mask)
+
+
+@fake_quant_mask_backward.register_fake
+def _(grad, mask):
+    return torch.empty_like(grad)
+
+
+def _mask_setup(ctx, out: Tensor, mask: Tensor, save_mask: bool):
+    ctx.save_mask = save_mask
+    ctx.shape, ctx.stride = tuple(out.shape), tuple(out.stride())
+    if save_mask:
+        ctx.save_for_backward(mask)  # 1 bit per element: the only full-size state kept
+
+
+def _mask_grad(ctx, grad: Tensor):
+    if grad is None:
+        return None
+    if not ctx.save_mask:  # pure STE: identity
+        return grad
+    (mask,) = ctx.saved_tensors
+    return fake_quant_mask_backward(_restride(grad, ctx.shape, ctx.stride), mask)
+
+
+def _fq_setup(ctx, inputs, output):
+    _mask_setup(ctx, output[0], output[1], inputs[6])
+
+
+def _fq_backward(ctx, grad_out, grad_mask):
+    return _mask_grad(ctx, grad_out), None, None, None, None, None, None
+
+
+fake_quant.register_autograd(_fq_backward, setup_context=_fq_setup)
+
+
+# --- learnable (LSQ) ---------------------------------------------------------------------
+
+def _forward_zero_point(zero_point: Tensor, quant_min: int, quant_max: int) -> Tensor:
+    """torch's learnable forward: round half-even, clamp, int32 (no host sync)."""
+    return torch.clamp(torch.round(zero_point.detach().to(torch.float32)), quant_min,
+                       quant_max).to(torch.int32).reshape(-1).contiguous()
+
+
+@torch.library.custom_op("acq_kernels::fake_quant_learnable", mutates_args=())
+def fake_quant_learnable(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int,
+                         quant_max: int, axis: int, grad_factor: float) -> Tensor:
+    fwd = _impl(x, "fq_forward")
+    if fwd is reference.fq_forward and scale.dtype == torch.float64:
+        s = scale.reshape(-1)  # all-double reference path (gradcheck)
+    else:
+        s = _f32(scale)
+    zp = _forward_zero_point(zero_point, quant_min, quant_max)
+    return fwd(x, s, zp, quant_min, quant_max, axis, False)[0]
+
+
+@fake_quant_learnable.register_fake
+def _(x, scale, zero_point, quant_min, quant_max, axis, grad_factor):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("acq_kernels::fake_quant_learnable_backward", mutates_args=())
+def fake_quant_learnable_backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor,
+                                  quant_min: int, quant_max: int, axis: int,
+                                  grad_factor: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dscale, dzero_point), dscale/dzero_point shaped [1]/[C] in scale's dtype."""
+    bwd = _impl(x, "fq_learnable_backward")
+    if bwd is reference.fq_learnable_backward:
+        s, zp = scale.reshape(-1), zero_point.reshape(-1)
+    else:
+        s, zp = _f32(scale), _f32(zero_point)
+    dx, ds, dz = bwd(grad, x, s, zp, quant_min, quant_max, axis, grad_factor)
+    return dx, ds.to(scale.dtype).reshape(-1), dz.to(scale.dtype).reshape(-1)
+
+
+@fake_quant_learnable_backward.register_fake
+def _(grad, x, scale, zero_point, quant_min, quant_max, axis, grad_factor):
+    n = scale.numel()
+    return (torch.empty_like(grad), scale.new_empty(n), scale.new_empty(n))
+
+
+def _lsq_setup(ctx, inputs, output):
+    x, scale, zero_point, quant_min, quant_max, axis, grad_factor = inputs
+    ctx.args = (quant_min, quant_max, axis, grad_factor)
+    ctx.shape, ctx.stride = tuple(x.shape), tuple(x.stride())
+    ctx.scale_shape, ctx.zp_shape = tuple(scale.shape), tuple(zero_point.shape)
+    ctx.zp_dtype = zero_point.dtype
+    ctx.save_for_backward(x, scale, zero_point)
+
+
+def _lsq_backward(ctx, grad):
+    x, scale, zero_point = ctx.saved_tensors
+    dx, ds, dz = fake_quant_learnable_backward(_restride(grad, ctx.shape, ctx.stride), x, scale,
+                                               zero_point, *ctx.args)
+    return (dx, ds.reshape(ctx.scale_shape), dz.reshape(ctx.zp_shape).to(ctx.zp_dtype),
+            None, None, None, None)
+
+
+fake_quant_learnable.register_autograd(_lsq_backward, setup_context=_lsq_setup)
+
+
+# --- fused min/max observer + fake quant ---------------------------------------------------
+
+@torch.library.custom_op("acq_kernels::fake_quant_minmax", mutates_args=())
+def fake_quant_minmax(x: Tensor, axis: int, quant_min: int, quant_max: int, symmetric: bool,
+                      eps: float, save_mask: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out, mask, scale float32 [C]/[1], zero_point int32 [C]/[1])."""
+    return _impl(x, "fq_minmax_forward")(x, axis, quant_min, quant_max, symmetric, eps,
+                                         save_mask)
+
+
+@fake_quant_minmax.register_fake
+def _(x, axis, quant_min, quant_max, symmetric, eps, save_mask):
+    c = 1 if axis < 0 else x.size(axis)
+    return (torch.empty_like(x), x.new_empty(_mask_numel(x.numel(), save_mask), dtype=torch.uint8),
+            x.new_empty(c, dtype=torch.float32), x.new_empty(c, dtype=torch.int32))
+
+
+def _minmax_setup(ctx, inputs, output):
+    _mask_setup(ctx, output[0], output[1], inputs[6])
+
+
+def _minmax_backward(ctx, grad_out, grad_mask, grad_scale, grad_zp):
+    return _mask_grad(ctx, grad_out), None, None, None, None, None, None
+
+
+fake_quant_minmax.register_autograd(_minmax_backward, setup_context=_minmax_setup)
+
+
+# --- moving-average observer + fake quant (mutates the observer buffers) --------------------
+
+@torch.library.custom_op("acq_kernels::fake_quant_moving_average",
+                         mutates_args=("min_val", "max_val", "scale", "zero_point"))
+def fake_quant_moving_average(x: Tensor, min_val: Tensor, max_val: Tensor, scale: Tensor,
+                              zero_point: Tensor, averaging_constant: float, quant_min: int,
+                              quant_max: int, symmetric: bool, eps: float, observe: bool,
+                              save_mask: bool) -> tuple[Tensor, Tensor]:
+    return _impl(x, "fq_moving_average_forward")(x, min_val, max_val, scale, zero_point,
+                                                 averaging_constant, quant_min, quant_max,
+                                                 symmetric, eps, observe, save_mask)
+
+
+@fake_quant_moving_average.register_fake
+def _(x, min_val, max_val, scale, zero_point, averaging_constant, quant_min, quant_max,
+      symmetric, eps, observe, save_mask):
+    return torch.empty_like(x), x.new_empty(_mask_numel(x.numel(), save_mask), dtype=torch.uint8)
+
+
+class MovingAverageFakeQuant(torch.autograd.Function):
+    """Autograd for the mutating op (torch.library allows autograd formulas only on functional
+    ops); dynamo traces this Function, so torch.compile(fullgraph=True) still sees one op."""
+
+    @staticmethod
+    def forward(ctx, x, min_val, max_val, scale, zero_point, averaging_constant, quant_min,
+                quant_max, symmetric, eps, observe, save_mask):
+        out, mask = fake_quant_moving_average(x, min_val, max_val, scale, zero_point,
+                                              averaging_constant, quant_min, quant_max,
+                                              symmetric, eps, observe, save_mask)
+        _mask_setup(ctx, out, mask, save_mask)
+        ctx.mark_non_differentiable(mask)
+        return out, mask
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_mask):
+        return (_mask_grad(ctx, grad_out),) + (None,) * 11

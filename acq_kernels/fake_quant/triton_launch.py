@@ -1,0 +1,160 @@
+"""Launchers of the Triton kernels, with the extension contract's signatures (see reference.py).
+
+Inputs are validated and x is dense (memory order = the order kernels walk). Offsets are
+32-bit: tensors must have fewer than 2**31 elements (checked).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import triton_kernels as K
+
+_LAUNCH = {"num_warps": K.NUM_WARPS, "enable_fp_fusion": False}
+
+
+def _check_size(n: int):
+    if n >= 2 ** 31:
+        raise ValueError(f"fake_quantize: the triton backend supports tensors of fewer than "
+                         f"2**31 elements, got {n}")
+
+
+def _mask_buffer(n: int, save_mask: bool, device) -> torch.Tensor:
+    return torch.empty((n + 7) // 8 if save_mask else 0, dtype=torch.uint8, device=device)
+
+
+def _channel_geometry(x: torch.Tensor, axis: int) -> tuple[int, int]:
+    """(CH_STRIDE, NUM_CH): channel of memory offset o is (o // CH_STRIDE) % NUM_CH."""
+    if axis < 0 or x.size(axis) == 1:  # one channel: a size-1 dim's stride is arbitrary
+        return max(x.numel(), 1), 1
+    return x.stride(axis), x.size(axis)
+
+
+def fq_forward(x, scale, zero_point, quant_min, quant_max, axis, save_mask):
+    n = x.numel()
+    _check_size(n)
+    out = torch.empty_like(x)
+    mask = _mask_buffer(n, save_mask, x.device)
+    if n == 0:
+        return out, mask
+    cs, nc = _channel_geometry(x, axis)
+    rows = axis >= 0 and cs >= K.ROWS_MIN and (cs % 8 == 0 or not save_mask)
+    grid = (n // cs, triton.cdiv(cs, K.BLOCK)) if rows else (triton.cdiv(n, K.BLOCK),)
+    K.fq_forward_kernel[grid](x, out, mask if save_mask else out, scale, zero_point, n, cs, nc,
+                              float(quant_min), float(quant_max), PER_CHANNEL=axis >= 0,
+                              ROWS=rows, SAVE_MASK=save_mask, BLOCK=K.BLOCK, **_LAUNCH)
+    return out, mask
+
+
+def fq_mask_backward(grad, mask):
+    n = grad.numel()
+    _check_size(n)
+    out = torch.empty_like(grad)
+    if n == 0:
+        return out
+    K.fq_mask_backward_kernel[(triton.cdiv(n, K.BLOCK),)](grad, mask, out, n, BLOCK=K.BLOCK,
+                                                          **_LAUNCH)
+    return out
+
+
+def _partial_programs(m: int, channels: int) -> int:
+    """Programs per channel for reductions: enough to fill a GPU, few enough that the
+    [P, C] partials stay tiny next to x."""
+    return max(1, min(triton.cdiv(m, K.RED_BLOCK), max(1, K.MAX_PARTIALS // channels)))
+
+
+def fq_learnable_backward(grad, x, scale, zero_point, quant_min, quant_max, axis, grad_factor):
+    n = x.numel()
+    _check_size(n)
+    dx = torch.empty_like(grad)
+    channels = 1 if axis < 0 else x.size(axis)
+    zp = zero_point.to(torch.float32)
+    # torch's backward rounds the float zero point differently per-tensor and per-channel
+    if axis < 0:
+        zp = torch.trunc(torch.clamp(zp + 0.5, quant_min, quant_max))
+    else:
+        zp = torch.clamp(torch.round(zp), quant_min, quant_max)
+    zp = zp.reshape(-1).contiguous()
+    s = scale.to(torch.float32).reshape(-1).contiguous()
+    if n == 0:
+        z = torch.zeros(channels, dtype=torch.float32, device=x.device)
+        return dx, z, z.clone()
+    cs, nc = _channel_geometry(x, axis)
+    m = n // channels
+    p = _partial_programs(m, channels)
+    part = torch.empty((2 * p, channels), dtype=torch.float32, device=x.device)
+    K.fq_lsq_backward_kernel[(channels, p)](grad, x, dx, s, zp, part, m, cs, nc,
+                                            float(quant_min), float(quant_max),
+                                            float(grad_factor), PER_CHANNEL=axis >= 0,
+                                            BLOCK=K.RED_BLOCK, **_LAUNCH)
+    return dx, part[:p].sum(0), part[p:].sum(0)
+
+
+def _zp_sym(quant_min: int, quant_max: int) -> float:
+    return float((quant_min + quant_max) // 2 if quant_min >= 0 else 0)
+
+
+def fq_minmax_forward(x, axis, quant_min, quant_max, symmetric, eps, save_mask):
+    n = x.numel()
+    _check_size(n)
+    channels = 1 if axis < 0 else x.size(axis)
+    if n == 0:  # no range observed: torch's observer falls back to scale 1, zero point 0
+        return (torch.empty_like(x), _mask_buffer(0, save_mask, x.device),
+                torch.ones(channels, dtype=torch.float32, device=x.device),
+                torch.zeros(channels, dtype=torch.int32, device=x.device))
+    if axis < 0:
+        return _minmax_per_tensor(x, quant_min, quant_max, symmetric, eps, save_mask)
+    m = n // channels
+    cs = max(x.stride(axis), 1)  # any stride works for a size-1 axis; avoid 0
+    out = torch.empty_like(x)
+    mask = _mask_buffer(n, save_mask, x.device)
+    scale = torch.empty(channels, dtype=torch.float32, device=x.device)
+    zp = torch.empty(channels, dtype=torch.int32, device=x.device)
+    # Fused (one launch): each channel is one contiguous memory range owning whole mask bytes.
+    fused = cs == m and (m % 8 == 0 or not save_mask)
+    single = m <= K.ROW_BLOCK_MAX
+    block = max(8, triton.next_power_of_2(m)) if single else K.BLOCK
+    K.fq_minmax_channel_kernel[(channels,)](
+        x, out, mask if save_mask else out, scale, zp, m, cs, channels, float(quant_min),
+        float(quant_max), float(eps), _zp_sym(quant_min, quant_max), SYMMETRIC=symmetric,
+        FUSED=fused, SAVE_MASK=save_mask, SINGLE=single, BLOCK=block, **_LAUNCH)
+    if not fused:  # second launch: the elementwise kernel with the fresh qparams
+        out, mask = fq_forward(x, scale, zp, quant_min, quant_max, axis, save_mask)
+    return out, mask, scale, zp
+
+
+def _minmax_two_launches(x, out, mask, minv, maxv, scale, zp, averaging_constant, quant_min,
+                         quant_max, symmetric, eps, ema, save_mask):
+    n = x.numel()
+    p = min(triton.cdiv(n, K.RED_BLOCK), K.MAX_PARTIALS)
+    part = torch.empty(2 * p + 2, dtype=torch.float32, device=x.device)
+    K.minmax_partials_kernel[(p,)](x, part, minv, maxv, n, HAS_STATE=ema, BLOCK=K.RED_BLOCK,
+                                   **_LAUNCH)
+    K.minmax_finish_fq_kernel[(triton.cdiv(n, K.BLOCK),)](
+        x, out, mask if save_mask else out, part, minv, maxv, scale, zp, n, p,
+        float(averaging_constant), float(quant_min), float(quant_max), float(eps),
+        _zp_sym(quant_min, quant_max), EMA=ema, SYMMETRIC=symmetric, SAVE_MASK=save_mask,
+        BLOCK=K.BLOCK, PBLOCK=max(2, triton.next_power_of_2(p)), **_LAUNCH)
+
+
+def _minmax_per_tensor(x, quant_min, quant_max, symmetric, eps, save_mask):
+    out = torch.empty_like(x)
+    mask = _mask_buffer(x.numel(), save_mask, x.device)
+    scale = torch.empty(1, dtype=torch.float32, device=x.device)
+    zp = torch.empty(1, dtype=torch.int32, device=x.device)
+    _minmax_two_launches(x, out, mask, scale, scale, scale, zp, 0.0, quant_min, quant_max,
+                         symmetric, eps, False, save_mask)
+    return out, mask, scale, zp
+
+
+def fq_moving_average_forward(x, min_val, max_val, scale, zero_point, averaging_constant,
+                              quant_min, quant_max, symmetric, eps, observe, save_mask):
+    n = x.numel()
+    _check_size(n)
+    if not observe or n == 0:
+        return fq_forward(x, scale, zero_point, quant_min, quant_max, -1, save_mask)
+    out = torch.empty_like(x)
+    mask = _mask_buffer(n, save_mask, x.device)
+    _minmax_two_launches(x, out, mask, min_val, max_val, scale, zero_point, averaging_constant,
+                         quant_min, quant_max, symmetric, eps, True, save_mask)
+    return out, mask
