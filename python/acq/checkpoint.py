@@ -1,0 +1,127 @@
+"""Atomic, rotating checkpoints with every RNG state, and careful loading.
+
+A checkpoint is written to a temporary file in the same directory, flushed and fsync'ed, then
+os.replace'd over its final name (and the directory fsync'ed), so a crash leaves either the old
+set of files or the new one — never a half-written file under a checkpoint name. Loading a file
+that torch.load cannot read (e.g. truncated by a full disk) is an error naming the file; when
+resuming from a directory the newest readable checkpoint is used and skipped ones are reported.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import random
+import re
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+from .errors import AcqError
+
+FORMAT = "acq-checkpoint-v1"
+_NAME = re.compile(r"ckpt-epoch(\d+)\.pt$")
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj, path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def checkpoint_path(directory: str, epoch: int) -> str:
+    return os.path.join(directory, f"ckpt-epoch{epoch:04d}.pt")
+
+
+def list_checkpoints(directory: str) -> list[str]:
+    """Checkpoint files in `directory`, oldest first."""
+    found = []
+    for p in glob.glob(os.path.join(directory, "ckpt-epoch*.pt")):
+        m = _NAME.search(os.path.basename(p))
+        if m:
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(directory: str, epoch: int, state: dict, keep: int = 3) -> str:
+    os.makedirs(directory, exist_ok=True)
+    path = checkpoint_path(directory, epoch)
+    atomic_save({"format": FORMAT, **state}, path)
+    for old in list_checkpoints(directory)[:-keep]:
+        os.unlink(old)
+    return path
+
+
+def _read(path: str) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise AcqError(f"checkpoint {path} is unreadable (truncated or corrupt: {type(exc).__name__})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise AcqError(f"{path} is not an acq checkpoint")
+    return obj
+
+
+def load_checkpoint(path: str) -> tuple[dict, str]:
+    """(state, file) from a checkpoint file, or from the newest readable one in a directory."""
+    if os.path.isdir(path):
+        candidates = list_checkpoints(path) or list_checkpoints(os.path.join(path, "checkpoints"))
+        if not candidates:
+            raise AcqError(f"no checkpoints (ckpt-epoch*.pt) in {path}")
+        errors = []
+        for p in reversed(candidates):
+            try:
+                return _read(p), p
+            except AcqError as exc:
+                errors.append(str(exc))
+                print(f"acq: skipping {exc}", file=sys.stderr)
+        raise AcqError("; ".join(errors))
+    if not os.path.isfile(path):
+        raise AcqError(f"checkpoint not found: {path}")
+    return _read(path), path
+
+
+def check_config_matches(saved: dict, current: dict, path: str) -> None:
+    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in diff[:6])
+        raise AcqError(f"checkpoint {path} is from another configuration ({detail})")

@@ -1,0 +1,182 @@
+"""Run configuration: defaults, a JSON/TOML file, then command-line overrides; validated up front."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+from .data import DATASETS, NUM_CLASSES
+from .errors import AcqError
+from .models import MODELS
+from .quant import STE_MODES, check_bits
+
+KD_REDUCTIONS = ("batchmean", "mean")
+BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
+
+
+@dataclass
+class Config:
+    # what to quantize
+    model: str = "digits_net"
+    dataset: str = "digits"             # evaluation data (and the class count)
+    num_classes: int | None = None      # None: the dataset's
+    teacher_weights: str | None = None
+    data_dir: str | None = None
+    # quantization
+    w_bits: int = 4
+    a_bits: int = 4
+    first_last_bits: int | None = None  # None: same as w_bits
+    ste: str = "pure"                   # GDFQ passes gradients straight through
+    act_momentum: float = 0.9           # EMA momentum of activation ranges (averaging constant 0.1)
+    # schedule (GDFQ protocol)
+    epochs: int = 400
+    iters_per_epoch: int = 200
+    batch_size: int = 200
+    warmup_epochs: int = 4
+    range_epochs: int = 4
+    lr_g: float = 1e-3
+    lr_q: float = 1e-4
+    q_milestones: list = field(default_factory=lambda: [100, 200, 300])
+    weight_decay: float = 1e-4
+    # generator
+    latent_dim: int = 100
+    gen_width: int = 128
+    center_range: float = 0.5           # c ~ U[-r, r]^2 (deep attention centers rarely reach the border)
+    # generator losses
+    lambda_ce: float = 1.0
+    beta_bns: float = 0.1
+    lambda_acm: float = 1.0
+    lambda_pair: float = 0.1
+    lambda_cons: float = 1.0
+    pair_margin: float = 1.0
+    attention_p: float = 2.0
+    # student losses
+    kd_temperature: float = 20.0
+    kd_reduction: str = "batchmean"     # "mean" reproduces GDFQ's code (divides KD by the class count)
+    lambda_kd: float = 1.0
+    lambda_ce_q: float = 1.0
+    lambda_at: float = 0.0
+    # runtime
+    device: str = "cpu"
+    seed: int = 0
+    backend: str = "auto"
+    channels_last: bool = False
+    work_dir: str = "runs/acq"
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    progress: bool = True
+
+    # fields that may differ between a checkpoint and the run resuming it
+    RESUMABLE_CHANGES = ("epochs", "device", "backend", "work_dir", "keep_checkpoints", "log_every", "progress",
+                         "data_dir", "channels_last")
+
+    @property
+    def classes(self) -> int:
+        return self.num_classes if self.num_classes is not None else NUM_CLASSES[self.dataset]
+
+    @property
+    def acq_terms_on(self) -> bool:
+        return any(v > 0 for v in (self.lambda_acm, self.lambda_pair, self.lambda_cons))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict:
+        """What a checkpoint must agree on to be resumed by this configuration."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE_CHANGES}
+
+    def validate(self) -> "Config":
+        if self.model not in MODELS:
+            raise AcqError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if self.dataset not in DATASETS:
+            raise AcqError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        check_bits("w_bits", self.w_bits)
+        check_bits("a_bits", self.a_bits)
+        if self.first_last_bits is not None:
+            check_bits("first_last_bits", self.first_last_bits)
+        if self.ste not in STE_MODES:
+            raise AcqError(f"ste must be one of {STE_MODES}, got {self.ste!r}")
+        if self.kd_reduction not in KD_REDUCTIONS:
+            raise AcqError(f"kd_reduction must be one of {KD_REDUCTIONS}, got {self.kd_reduction!r}")
+        if self.backend not in BACKENDS:
+            raise AcqError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        for name in ("epochs", "iters_per_epoch", "batch_size", "latent_dim", "gen_width", "keep_checkpoints",
+                     "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise AcqError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("warmup_epochs", "range_epochs"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise AcqError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise AcqError(f"num_classes must be >= 2, got {self.num_classes}")
+        for name in ("lambda_ce", "beta_bns", "lambda_acm", "lambda_pair", "lambda_cons", "lambda_kd",
+                     "lambda_ce_q", "lambda_at", "lr_g", "lr_q", "weight_decay", "pair_margin"):
+            if getattr(self, name) < 0:
+                raise AcqError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lambda_pair > 0 and self.batch_size % 2:
+            raise AcqError(f"batch_size must be even when lambda_pair > 0 (pairs), got {self.batch_size}")
+        if not 0.0 <= self.act_momentum < 1.0:
+            raise AcqError(f"act_momentum must be in [0, 1), got {self.act_momentum}")
+        if not 0.0 < self.center_range <= 1.0:
+            raise AcqError(f"center_range must be in (0, 1], got {self.center_range}")
+        if self.kd_temperature <= 0 or self.attention_p <= 0:
+            raise AcqError("kd_temperature and attention_p must be > 0")
+        if not self.device.startswith(("cpu", "cuda")):
+            raise AcqError(f"device must be cpu or cuda[:N], got {self.device!r}")
+        if self.device.startswith("cuda"):
+            import torch
+            if not torch.cuda.is_available():
+                raise AcqError(f"device {self.device!r} requested but CUDA is not available")
+        if self.teacher_weights is not None and not os.path.isfile(self.teacher_weights):
+            raise AcqError(f"teacher weights file not found: {self.teacher_weights}")
+        if self.data_dir is not None and not os.path.isdir(self.data_dir):
+            raise AcqError(f"data dir not found: {self.data_dir}")
+        return self
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def read_config_file(path: str) -> dict:
+    """A JSON (.json) or TOML (.toml) file of Config fields (flat, or under a [train] table)."""
+    if not os.path.isfile(path):
+        raise AcqError(f"config file not found: {path}")
+    try:
+        if path.endswith(".toml"):
+            import tomllib
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        else:
+            with open(path) as f:
+                data = json.load(f)
+    except Exception as exc:
+        raise AcqError(f"could not parse config file {path}: {exc}") from None
+    if isinstance(data, dict) and isinstance(data.get("train"), dict):
+        data = data["train"]
+    if not isinstance(data, dict):
+        raise AcqError(f"config file {path} must hold a table/object of settings")
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise AcqError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+    return data
+
+
+def make_config(file: str | None = None, **overrides) -> Config:
+    """Defaults < config file < overrides (None overrides are ignored); validated."""
+    values = read_config_file(file) if file else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise AcqError(f"unknown setting(s) {', '.join(unknown)}")
+    cfg = Config(**values)
+    return cfg.validate()
+
+
+def demo_defaults(**kw) -> dict:
+    """Settings of the embedded default (digits) — calibrated to fit the demo's time budget."""
+    d = dict(model="digits_net", dataset="digits", batch_size=64, epochs=8, iters_per_epoch=100,
+             warmup_epochs=1, range_epochs=2, lr_q=1e-4, q_milestones=[6], gen_width=64, latent_dim=64,
+             first_last_bits=None)
+    d.update(kw)
+    return d

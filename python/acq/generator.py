@@ -1,0 +1,101 @@
+"""Conditional generators G(z, y, c): GDFQ's CIFAR-style generator plus the attention-center condition.
+
+GDFQ conditions on the label by multiplying z with a learned label embedding; ACQ adds the
+attention-center condition c in [-1, 1]^2. Here c enters twice: as a learned embedding added to the
+latent code, and as two constant coordinate-offset planes (u - c_x, v - c_y) concatenated to the
+first feature map, so that "where" is directly visible to the convolutions (CoordConv-style).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+def _coord_planes(c: torch.Tensor, size: int) -> torch.Tensor:
+    """[N, 2, size, size] planes u_w - c_x and v_h - c_y with pixel-center coordinates in [-1, 1]."""
+    t = (2 * torch.arange(size, device=c.device, dtype=c.dtype) + 1) / size - 1
+    u = t.view(1, 1, size).expand(c.shape[0], size, size) - c[:, 0].view(-1, 1, 1)
+    v = t.view(1, size, 1).expand(c.shape[0], size, size) - c[:, 1].view(-1, 1, 1)
+    return torch.stack([u, v], 1)
+
+
+class Generator(nn.Module):
+    """GDFQ's CIFAR generator (two 2x upsamplings from img_size/4) with the center condition.
+
+    GDFQ's `BatchNorm2d(C, 0.8)` passes 0.8 as eps (not momentum); kept for fidelity.
+    """
+
+    def __init__(self, num_classes: int, img_size: int = 32, channels: int = 3, latent_dim: int = 100,
+                 width: int = 128, use_center: bool = True):
+        super().__init__()
+        if img_size % 4:
+            raise ValueError(f"img_size must be divisible by 4, got {img_size}")
+        self.num_classes, self.img_size, self.channels = num_classes, img_size, channels
+        self.latent_dim, self.use_center = latent_dim, use_center
+        self.init_size = img_size // 4
+        self.label_emb = nn.Embedding(num_classes, latent_dim)
+        self.center_emb = nn.Linear(2, latent_dim) if use_center else None
+        self.l1 = nn.Linear(latent_dim, width * self.init_size ** 2)
+        self.width = width
+        extra = 2 if use_center else 0
+        self.conv_blocks0 = nn.BatchNorm2d(width + extra)
+        self.conv_blocks1 = nn.Sequential(
+            nn.Conv2d(width + extra, width, 3, 1, 1), nn.BatchNorm2d(width, 0.8), nn.LeakyReLU(0.2))
+        self.conv_blocks2 = nn.Sequential(
+            nn.Conv2d(width, width // 2, 3, 1, 1), nn.BatchNorm2d(width // 2, 0.8), nn.LeakyReLU(0.2),
+            nn.Conv2d(width // 2, channels, 3, 1, 1), nn.Tanh(), nn.BatchNorm2d(channels, affine=False))
+
+    def forward(self, z, labels, center=None):
+        h = self.label_emb(labels) * z
+        if self.use_center:
+            h = h + self.center_emb(center)
+        out = self.l1(h).view(z.shape[0], self.width, self.init_size, self.init_size)
+        if self.use_center:
+            out = torch.cat([out, _coord_planes(center.to(out.dtype), self.init_size)], 1)
+        img = F.interpolate(self.conv_blocks0(out), scale_factor=2)
+        img = F.interpolate(self.conv_blocks1(img), scale_factor=2)
+        return self.conv_blocks2(img)
+
+
+class Generator224(nn.Module):
+    """ImageNet-size variant (GDFQ's ImageNet generator shape): 7x7 seed, five 2x upsamplings to 224."""
+
+    def __init__(self, num_classes: int, img_size: int = 224, channels: int = 3, latent_dim: int = 100,
+                 width: int = 128, use_center: bool = True):
+        super().__init__()
+        if img_size % 32:
+            raise ValueError(f"img_size must be divisible by 32, got {img_size}")
+        self.num_classes, self.img_size, self.channels = num_classes, img_size, channels
+        self.latent_dim, self.use_center, self.width = latent_dim, use_center, width
+        self.init_size = img_size // 32
+        self.label_emb = nn.Embedding(num_classes, latent_dim)
+        self.center_emb = nn.Linear(2, latent_dim) if use_center else None
+        self.l1 = nn.Linear(latent_dim, width * self.init_size ** 2)
+        extra = 2 if use_center else 0
+        self.bn0 = nn.BatchNorm2d(width + extra)
+        chans = [width + extra, width, width, width // 2, width // 2, width // 4]
+        self.ups = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(chans[i], chans[i + 1], 3, 1, 1), nn.BatchNorm2d(chans[i + 1], 0.8),
+                          nn.LeakyReLU(0.2))
+            for i in range(5))
+        self.head = nn.Sequential(nn.Conv2d(chans[-1], channels, 3, 1, 1), nn.Tanh(),
+                                  nn.BatchNorm2d(channels, affine=False))
+
+    def forward(self, z, labels, center=None):
+        h = self.label_emb(labels) * z
+        if self.use_center:
+            h = h + self.center_emb(center)
+        out = self.l1(h).view(z.shape[0], self.width, self.init_size, self.init_size)
+        if self.use_center:
+            out = torch.cat([out, _coord_planes(center.to(out.dtype), self.init_size)], 1)
+        out = self.bn0(out)
+        for block in self.ups:
+            out = block(F.interpolate(out, scale_factor=2))
+        return self.head(out)
+
+
+def build_generator(num_classes: int, img_size: int, channels: int, latent_dim: int = 100, width: int = 128,
+                    use_center: bool = True) -> nn.Module:
+    cls = Generator224 if img_size >= 128 else Generator
+    return cls(num_classes, img_size, channels, latent_dim, width, use_center)

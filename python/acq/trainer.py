@@ -1,0 +1,239 @@
+"""The ACQ / GDFQ training loop: generator step, student step, schedule, logging, checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+
+import numpy as np
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from . import ops
+from .config import Config
+from .data import evaluate
+from .generator import build_generator
+from .losses import (FeatureTap, acm_loss, attention_of, batch_stat_bn, kd_loss, pair_loss,
+                     stacked_sq_distance)
+from .models import INPUT_SHAPE, attention_layers
+from .quant import quantize_model, set_observing
+
+LOSS_KEYS_G = ("g_ce", "g_bns", "g_acm", "g_pair", "g_cons", "g_total")
+LOSS_KEYS_Q = ("q_kd", "q_ce", "q_at", "q_total")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def freeze_teacher(teacher: nn.Module) -> nn.Module:
+    """Eval mode and no parameter gradients: only input gradients flow back to the generator."""
+    return teacher.eval().requires_grad_(False)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, teacher: nn.Module, eval_data=None, out_dir: str | None = None):
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.eval_data = eval_data
+        self.out_dir = out_dir
+        seed_everything(cfg.seed)
+        self.mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.teacher = freeze_teacher(teacher).to(self.device, memory_format=self.mf)
+        self.student = quantize_model(self.teacher, cfg.w_bits, cfg.a_bits, cfg.first_last_bits, cfg.ste,
+                                      cfg.act_momentum).to(self.device, memory_format=self.mf)
+        channels, size = INPUT_SHAPE[cfg.model]
+        self.generator = build_generator(cfg.classes, size, channels, cfg.latent_dim, cfg.gen_width,
+                                         use_center=cfg.lambda_acm > 0).to(self.device).train()
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=(0.5, 0.999))
+        self.opt_q = torch.optim.SGD(self.student.parameters(), lr=cfg.lr_q, momentum=0.9, nesterov=True,
+                                     weight_decay=cfg.weight_decay)
+        self.sched_q = torch.optim.lr_scheduler.MultiStepLR(self.opt_q, milestones=list(cfg.q_milestones),
+                                                            gamma=0.1)
+        self.tap_t = FeatureTap(attention_layers(self.teacher))
+        self.tap_q = FeatureTap(attention_layers(self.student)) if cfg.lambda_at > 0 else None
+        self.epoch = 0           # next epoch to run
+        self.iteration = 0       # global iterations done
+        self.history: list[dict] = []
+        self.best = None
+        self.metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self):
+        """(z, y, c) for one batch; with L_PAIR each (y, c) appears twice: [first draws; second draws]."""
+        cfg, dev, b = self.cfg, self.device, self.cfg.batch_size
+        m = b // 2 if cfg.lambda_pair > 0 else b
+        y = torch.randint(0, cfg.classes, (m,), device=dev)
+        c = (torch.rand(m, 2, device=dev) * 2 - 1) * cfg.center_range
+        if cfg.lambda_pair > 0:
+            y, c = torch.cat([y, y]), torch.cat([c, c])
+        z = torch.randn(b, cfg.latent_dim, device=dev)
+        return z, y, c
+
+    # ------------------------------------------------------------------ steps
+    def generator_step(self):
+        cfg = self.cfg
+        z, y, c = self.sample()
+        x = self.generator(z, y, c).contiguous(memory_format=self.mf)
+        zero = x.new_zeros(())
+        with self.tap_t.capture() as tap, ops.bn_stat_collector(self.teacher) as bns:
+            t_logits = self.teacher(x)
+        feats_eval = tap.feats
+        losses = {"g_ce": F.cross_entropy(t_logits, y) if cfg.lambda_ce > 0 else zero,
+                  "g_bns": bns.loss()[0] if cfg.beta_bns > 0 else zero,
+                  "g_acm": zero, "g_pair": zero, "g_cons": zero}
+        if cfg.acq_terms_on:
+            n = x.shape[0]
+            if cfg.lambda_cons > 0:
+                # Same batch with batch-statistics BN (running stats untouched); stack eval/train
+                # features so each layer's attention is one launch.
+                with batch_stat_bn(self.teacher), self.tap_t.capture() as tap2:
+                    self.teacher(x)
+                att = attention_of([torch.cat([fe, ft]) for fe, ft in zip(feats_eval, tap2.feats)],
+                                   cfg.attention_p)
+                losses["g_cons"] = stacked_sq_distance([a[1] for a in att])
+                anorms = [a[1][:n] for a in att]
+                centers = [a[2][:n] for a in att]
+            else:
+                att = attention_of(feats_eval, cfg.attention_p)
+                anorms = [a[1] for a in att]
+                centers = [a[2] for a in att]
+            if cfg.lambda_acm > 0:
+                losses["g_acm"] = acm_loss(centers, c)
+            if cfg.lambda_pair > 0:
+                losses["g_pair"] = pair_loss(anorms, cfg.pair_margin)
+        total = (cfg.lambda_ce * losses["g_ce"] + cfg.beta_bns * losses["g_bns"] + cfg.lambda_acm * losses["g_acm"]
+                 + cfg.lambda_pair * losses["g_pair"] + cfg.lambda_cons * losses["g_cons"])
+        losses["g_total"] = total
+        self.opt_g.zero_grad(set_to_none=True)
+        total.backward()
+        self.opt_g.step()
+        return x.detach(), y, t_logits.detach(), [f.detach() for f in feats_eval], losses
+
+    def student_step(self, x, y, t_logits, t_feats):
+        cfg = self.cfg
+        if self.tap_q is not None:
+            with self.tap_q.capture() as tap:
+                q_logits = self.student(x)
+            q_feats = tap.feats
+        else:
+            q_logits = self.student(x)
+        zero = q_logits.new_zeros(())
+        losses = {"q_kd": kd_loss(q_logits, t_logits, cfg.kd_temperature, cfg.kd_reduction),
+                  "q_ce": F.cross_entropy(q_logits, y), "q_at": zero}
+        if self.tap_q is not None:
+            att = attention_of([torch.cat([ft, fq]) for ft, fq in zip(t_feats, q_feats)], cfg.attention_p)
+            losses["q_at"] = stacked_sq_distance([a[1] for a in att])
+        total = cfg.lambda_kd * losses["q_kd"] + cfg.lambda_ce_q * losses["q_ce"] + cfg.lambda_at * losses["q_at"]
+        losses["q_total"] = total
+        self.opt_q.zero_grad(set_to_none=True)
+        total.backward()
+        self.opt_q.step()
+        return losses
+
+    def step(self) -> dict:
+        """One iteration at the current epoch's phase; returns the losses as (unsynchronised) tensors."""
+        observing = self.epoch < self.cfg.range_epochs
+        set_observing(self.student, observing)
+        x, y, t_logits, t_feats, losses = self.generator_step()
+        if self.epoch >= self.cfg.warmup_epochs:
+            losses.update(self.student_step(x, y, t_logits, t_feats))
+        elif observing:
+            with torch.no_grad():  # warm-up: only G trains, but the ranges follow its images
+                self.student(x)
+        self.iteration += 1
+        return losses
+
+    # ------------------------------------------------------------------ loop
+    def _log(self, record: dict) -> None:
+        if self.metrics_path:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def run_epoch(self, progress: bool | None = None) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        show = cfg.progress if progress is None else progress
+        bar = tqdm(range(cfg.iters_per_epoch), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not show,
+                   leave=False, dynamic_ncols=True)
+        sums: dict[str, torch.Tensor] = {}
+        t0 = time.perf_counter()
+        for i in bar:
+            losses = self.step()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0) + v.detach()
+            if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.iters_per_epoch:
+                # the only host syncs of the loop: every log_every iterations
+                running = {k: round(float(v) / (i + 1), 5) for k, v in sums.items()}
+                bar.set_postfix({k: f"{v:.3g}" for k, v in running.items() if k.endswith("total")
+                                 or k in ("g_ce", "g_bns", "q_kd")})
+                self._log({"kind": "step", "epoch": self.epoch, "iteration": self.iteration, **running})
+        bar.close()
+        summary = {"kind": "epoch", "epoch": self.epoch, "iteration": self.iteration,
+                   "seconds": round(time.perf_counter() - t0, 3),
+                   "lr_q": self.opt_q.param_groups[0]["lr"],
+                   **{k: round(float(v) / cfg.iters_per_epoch, 5) for k, v in sums.items()}}
+        if self.epoch >= cfg.warmup_epochs:
+            self.sched_q.step()
+        if self.eval_data is not None:
+            set_observing(self.student, False)
+            summary["acc"] = evaluate(self.student, self.eval_data, self.device, cfg.channels_last)
+            if self.best is None or summary["acc"] > self.best["acc"]:
+                self.best = {"epoch": self.epoch, "acc": summary["acc"]}
+        self._log(summary)
+        self.history.append(summary)
+        self.epoch += 1
+        if self.out_dir:
+            self.save()
+        return summary
+
+    def fit(self) -> dict:
+        from tqdm import tqdm
+
+        while self.epoch < self.cfg.epochs:
+            s = self.run_epoch()
+            if self.cfg.progress:
+                acc = f", acc {s['acc']:.2f}%" if "acc" in s else ""
+                tqdm.write(f"epoch {s['epoch'] + 1}/{self.cfg.epochs}: g_total {s['g_total']:.4f}"
+                           + (f", q_total {s['q_total']:.4f}" if "q_total" in s else "") + acc
+                           + f" ({s['seconds']:.1f}s)")
+        result = {"final_acc": self.history[-1].get("acc") if self.history else None, "best": self.best,
+                  "epochs": self.cfg.epochs, "iterations": self.iteration}
+        return result
+
+    def close(self) -> None:
+        """Remove the feature hooks this trainer put on the (shared) teacher and the student."""
+        self.tap_t.remove()
+        if self.tap_q is not None:
+            self.tap_q.remove()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {"config": self.cfg.to_dict(), "identity": self.cfg.identity(), "epoch": self.epoch,
+                "iteration": self.iteration, "generator": self.generator.state_dict(),
+                "student": self.student.state_dict(), "opt_g": self.opt_g.state_dict(),
+                "opt_q": self.opt_q.state_dict(), "sched_q": self.sched_q.state_dict(),
+                "history": self.history, "best": self.best, "rng": ckpt.rng_state()}
+
+    def save(self) -> str:
+        return ckpt.save_checkpoint(os.path.join(self.out_dir, "checkpoints"), self.epoch, self.state_dict(),
+                                    keep=self.cfg.keep_checkpoints)
+
+    def resume(self, path: str) -> str:
+        state, file = ckpt.load_checkpoint(path)
+        ckpt.check_config_matches(state["identity"], self.cfg.identity(), file)
+        self.generator.load_state_dict(state["generator"])
+        self.student.load_state_dict(state["student"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_q.load_state_dict(state["opt_q"])
+        self.sched_q.load_state_dict(state["sched_q"])
+        self.epoch, self.iteration = state["epoch"], state["iteration"]
+        self.history, self.best = state["history"], state["best"]
+        ckpt.set_rng_state(state["rng"])
+        return file
