@@ -7,8 +7,9 @@ Math (bitwise equal to torch's native ops on finite fp32 input):
   inv_scale = 1 / scale (IEEE fp32 division), q = rne(x * inv_scale) + zp, in the float type of
   the computation (fp32; fp64 for float64 x), clamp by compare-and-select so NaN propagates, and
   out = (clamp(q) - zp) * scale rounded once to x's dtype. torch adds an *integer* zero point after
-  rounding both per-tensor and per-channel (checked against torch on exact ties). float64 input:
-  per-tensor in fp32, per-channel in float64 with an fp32 1/scale, as torch's CPU kernels do.
+  rounding both per-tensor and per-channel (checked against torch on exact ties), also in its
+  learnable forwards. float64 input: float64 math with an fp32 1/scale, as torch's CPU kernels;
+  per-tensor the output is rounded through fp32 as torch's is.
 """
 from __future__ import annotations
 
@@ -64,10 +65,10 @@ def _channel_view(t: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
 def _quantize(x, scale, zero_point, quant_min, quant_max, axis):
     """(out in x's dtype, in_range bool) for int-valued zero points."""
     cdt = compute_dtype(x)
-    if axis < 0 and scale.dtype != torch.float64:
-        # torch's per-tensor kernel computes float64 input in fp32 (its per-channel one in
-        # float64 with an fp32 1/scale); match both
-        cdt = torch.float32
+    # torch's CPU kernels take float64 x times the fp32 1/scale in float64; the per-tensor one
+    # then rounds the dequantized value through fp32 ((qc - zp) * scale is an integer times an
+    # fp32, exact in fp32 or double alike, so that rounding is the only difference)
+    via_float = axis < 0 and cdt == torch.float64 and scale.dtype != torch.float64
     if scale.dtype == torch.float64 and cdt == torch.float64:  # all-double (gradcheck)
         s = _channel_view(scale, x, axis)
         inv = 1.0 / s
@@ -81,6 +82,8 @@ def _quantize(x, scale, zero_point, quant_min, quant_max, axis):
     qc = torch.where(q < quant_min, torch.full_like(q, quant_min), q)
     qc = torch.where(qc > quant_max, torch.full_like(q, quant_max), qc)
     res = (qc - zp) * s
+    if via_float:
+        res = res.to(torch.float32)
     out = torch.empty_like(x)
     out.copy_(res)
     return out, in_range
@@ -107,7 +110,7 @@ def fq_mask_backward(grad, mask):
 def fq_learnable_backward(grad, x, scale, zero_point, quant_min: int, quant_max: int, axis: int,
                           grad_factor: float):
     """Backward of torch._fake_quantize_learnable_per_{tensor,channel}_affine, mirroring torch's
-    CPU kernels (including their different zero-point rounding and range tests)."""
+    CPU kernels (including their different zero-point rounding per-tensor and per-channel)."""
     # fp32 as torch; all-double when x and scale are float64 (gradcheck)
     f32 = torch.float64 if (x.dtype == scale.dtype == torch.float64) else torch.float32
     gf = torch.tensor(grad_factor, dtype=f32, device=x.device)
@@ -117,14 +120,15 @@ def fq_learnable_backward(grad, x, scale, zero_point, quant_min: int, quant_max:
     inv = 1.0 / s
     if axis < 0:
         # torch's backward takes zp = int(clamp(zp + 0.5)) (truncation; its forward rounds
-        # half-even instead), then q = rne(x * inv) + zp.
+        # half-even instead)
         zp = torch.trunc(torch.clamp(zero_point.to(f32) + 0.5, quant_min, quant_max)).reshape([])
-        q = torch.round(xs * inv) + zp
     else:
-        # torch: zp = clamp(round(zp)), q = rne(zp + x * inv) (zero point before rounding).
         zp = _channel_view(torch.clamp(torch.round(zero_point.to(f32)), quant_min, quant_max),
                            x, axis)
-        q = torch.round(zp + xs * inv)
+    # Both of torch's backward kernels add the zero point BEFORE rounding, q = rne(zp + x * inv)
+    # (its forwards add it after), so at exact ties with an odd zero point the x-gradient mask
+    # is not the forward's in-range mask.
+    q = torch.round(zp + xs * inv)
     # clipped means strictly outside the range
     in_range = (q >= quant_min) & (q <= quant_max)
     qc = torch.clamp(q, quant_min, quant_max)

@@ -151,10 +151,7 @@ def fq_lsq_backward_kernel(g_ptr, x_ptr, dx_ptr, scale_ptr, zp_ptr, part_ptr, M,
         o = _channel_offsets(m, c, CH_STRIDE, NUM_CH, PER_CHANNEL)
         x = tl.load(x_ptr + o, mask=valid, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + o, mask=valid, other=0.0).to(tl.float32)
-        if PER_CHANNEL:
-            q = _rne(zp + x * inv)       # torch adds the float zero point before rounding here
-        else:
-            q = _rne(x * inv) + zp
+        q = _rne(zp + x * inv)  # torch's backward adds the zero point before rounding
         lo = q < qmin
         hi = q > qmax
         in_range = (q >= qmin) & (q <= qmax)

@@ -1,7 +1,8 @@
 """Launchers of the Triton kernels, with the extension contract's signatures (see reference.py).
 
 Inputs are validated and x is dense (memory order = the order kernels walk). Offsets are
-32-bit: tensors must have fewer than 2**31 elements (checked).
+32-bit, including those of the masked-off lanes of the last block (a wrapped, negative offset
+would pass the `offs < N` test), so tensors may have at most MAX_NUMEL elements (checked).
 """
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ from . import triton_kernels as K
 _LAUNCH = {"num_warps": K.NUM_WARPS, "enable_fp_fusion": False}
 
 
+MAX_NUMEL = 2 ** 31 - 1 - max(K.BLOCK, K.RED_BLOCK, K.ROW_BLOCK_MAX)
+
+
 def _check_size(n: int):
-    if n >= 2 ** 31:
-        raise ValueError(f"fake_quantize: the triton backend supports tensors of fewer than "
-                         f"2**31 elements, got {n}")
+    if n > MAX_NUMEL:
+        raise ValueError(f"fake_quantize: the triton backend supports tensors of at most "
+                         f"{MAX_NUMEL} elements (32-bit offsets), got {n}")
 
 
 def _mask_buffer(n: int, save_mask: bool, device) -> torch.Tensor:

@@ -403,7 +403,14 @@ void calculate_qparams(float min_val, float max_val, int64_t quant_min, int64_t 
     s = (max_pos - min_neg) / static_cast<float>(quant_max - quant_min);
     s = (s < eps && !std::isnan(s)) ? eps : s;
     const float r = std::nearbyint(min_neg / s);
-    zp = quant_min - static_cast<int64_t>(static_cast<int32_t>(r));
+    // torch: quant_min - round(min_neg / scale).to(int32) in int32 arithmetic, which wraps;
+    // NaN or out-of-range values (min_val = -inf) convert to INT32_MIN as torch's CPU cast
+    // does on x86 (casting them in C++ is undefined), so an unsigned range clamps to quant_min.
+    const int32_t ri = (r >= -0x1p31f && r < 0x1p31f) ? static_cast<int32_t>(r)
+                                                       : std::numeric_limits<int32_t>::min();
+    const uint32_t diff = static_cast<uint32_t>(static_cast<int32_t>(quant_min)) -
+                          static_cast<uint32_t>(ri);
+    zp = static_cast<int32_t>(diff);  // two's-complement wrap, as torch's int32 subtraction
     zp = std::min(std::max(zp, quant_min), quant_max);
   }
   *scale = s;

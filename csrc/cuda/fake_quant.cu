@@ -198,7 +198,9 @@ __device__ __forceinline__ void calc_qparams(float mn, float mx, int qmin, int q
     s = __fmul_rn(__fsub_rn(max_pos, min_neg), 1.0f / static_cast<float>(qmax - qmin));
     s = (s < eps) ? eps : s;
     const float r = rintf(__fdiv_rn(min_neg, s));
-    zp = qmin - static_cast<int>(r);
+    // torch on CUDA: round(min_neg / scale).to(int32) turns NaN (min_val = -inf) into 0;
+    // spelled out since a C++ cast of NaN is undefined. Otherwise |r| <= qmax - qmin.
+    zp = qmin - (r == r ? static_cast<int>(r) : 0);
     zp = zp < qmin ? qmin : (zp > qmax ? qmax : zp);
   }
   *scale = s;
@@ -748,6 +750,8 @@ void fq_learnable_backward(DType dt, const void* grad, const void* x, void* dx, 
                            float* dzero_point, const float* scale, const float* zero_point,
                            const FqLayout& l, int quant_min, int quant_max, float grad_factor,
                            float* workspace, cudaStream_t stream) {
+  // No launch for empty input (a 0-sized grid is a launch error); the caller zero-fills.
+  if (l.n <= 0 || l.channels <= 0) return;
   const int nbx = lsq_blocks_per_channel(l);
   const int gy = static_cast<int>(l.channels < 65535 ? l.channels : 65535);
   dispatch(dt, [&](auto tag) {
