@@ -62,6 +62,14 @@ def test_pair_hinge_hand_value():
     assert got.item() == pytest.approx((2.0 + 2.0 - math.sqrt(2)) / 2, abs=1e-5)
 
 
+def test_pair_distance_is_averaged_over_layers_before_the_hinge():
+    same = torch.tensor([[1.0, 0.0], [1.0, 0.0]])       # one pair, d = 0
+    ortho = torch.tensor([[1.0, 0.0], [0.0, 1.0]])      # one pair, d = sqrt(2)
+    got = losses.pair_loss([same, ortho], margin=1.0)
+    # spec: relu(margin - mean_l d_l) = 1 - sqrt(2)/2; a per-layer hinge would give 0.5
+    assert got.item() == pytest.approx(1.0 - math.sqrt(2) / 2, abs=1e-6)
+
+
 def test_cons_sq_distance_of_stacked_halves():
     eval_maps = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0]])
     train_maps = torch.tensor([[0.0, 1.0, 0.0], [0.6, 0.8, 0.0]])

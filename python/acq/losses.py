@@ -37,10 +37,11 @@ def acm_loss(centers: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
 def pair_loss(anorms: list[torch.Tensor], margin: float = 1.0) -> torch.Tensor:
     """L_PAIR on a batch laid out as [first draws; second draws] of the same (y, c).
 
-    The hinge is taken per layer and averaged over S (mean_l relu(margin - d_l)), so that each layer's
-    kernel computes its own hinge; with one layer this is exactly mean(relu(margin - d)).
+    As ACQ_SPEC.md defines it: d = ||a(x1) - a(x2)||_2 averaged over the layers in S, then
+    mean(relu(margin - d)). Each layer's distance is one fused launch over its stacked halves.
     """
-    return torch.stack([ops.attention_pair_hinge(a, None, margin=margin) for a in anorms]).mean()
+    d = torch.stack([ops.attention_pair_distance(a, None, reduction="none") for a in anorms]).mean(0)
+    return torch.relu(margin - d).mean()
 
 
 def stacked_sq_distance(anorms: list[torch.Tensor]) -> torch.Tensor:

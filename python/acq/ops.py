@@ -6,7 +6,8 @@ pure-PyTorch baseline of the end-to-end benchmark), so one switch changes the wh
 """
 from __future__ import annotations
 
-from acq_kernels import (BNStatCollector, attention_center_loss, attention_pair_hinge,  # noqa: F401
+from acq_kernels import (BNStatCollector, attention_center_loss, attention_pair_distance,  # noqa: F401
+                         attention_pair_hinge,
                          attention_sq_distance, fake_quantize_minmax, fake_quantize_moving_average,
                          set_backend, spatial_attention)
 
