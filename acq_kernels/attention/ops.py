@@ -17,6 +17,7 @@ which is a handful of launches over [N, HW] maps. float64 runs on reference and 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -52,7 +53,7 @@ def _check_feat(feat, p):
     N, C, H, W = feat.shape
     if C == 0 or H == 0 or W == 0:
         raise ValueError(f"feat needs C, H, W >= 1, got shape {tuple(feat.shape)}")
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):  # numpy scalars are Real too
         raise TypeError(f"p must be a real number, got {type(p).__name__}")
     if not (math.isfinite(p) and p > 0):
         raise ValueError(f"p must be a finite number > 0, got {p}")
@@ -69,7 +70,7 @@ def _flat_pair(a, b, a_name="a", b_name="b"):
     _check_float_tensor(a, a_name)
     if a.dim() < 2:
         raise ValueError(f"{a_name} must be [N, ...] with at least 2 dims, got {tuple(a.shape)}")
-    a2 = a.reshape(a.shape[0], -1)
+    a2 = a.flatten(1)  # not reshape(N, -1): that is ambiguous for an empty batch
     if b is None:
         if a.shape[0] % 2:
             raise ValueError(f"{a_name} must have an even first dim (stacked halves) when "
@@ -81,7 +82,7 @@ def _flat_pair(a, b, a_name="a", b_name="b"):
                          f"got {tuple(b.shape)}")
     if b.device != a.device:
         raise ValueError(f"{b_name} is on {b.device}, {a_name} on {a.device}")
-    return a2, b.reshape(b.shape[0], -1)
+    return a2, b.flatten(1)
 
 
 def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
@@ -289,8 +290,9 @@ def attention_pair_hinge(a: Tensor, b: Optional[Tensor] = None, margin: float = 
     """Per-sample relu(margin - ||a - b||_2) (paired-sample separation); b=None: a is a stacked
     [2N, ...] batch of pairs (a[i], a[N + i]). Gradient 0 where a == b."""
     _check_reduction(reduction)
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Real):
         raise TypeError(f"margin must be a real number, got {type(margin).__name__}")
+    margin = float(margin)
     if not math.isfinite(margin):
         raise ValueError(f"margin must be finite, got {margin}")
     d = _safe_sqrt(_pair_sq_per_sample(a, b))

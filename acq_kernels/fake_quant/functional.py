@@ -5,8 +5,9 @@ deliberate differences:
   * NaN propagates to NaN (torch maps NaN to quant_min); +-Inf clamp to the range ends (torch's
     per-channel op maps +Inf to quant_min by an int64 overflow); values whose scaled magnitude
     exceeds 2**63 clamp too (torch overflows them to quant_min).
-  * fp16/bf16 inputs are computed in fp32 and rounded once on output; float64 in float64
-    (reference and cpu backends only).
+  * fp16/bf16 inputs are computed in fp32 and rounded once on output; float64 as torch's CPU
+    kernels do (float64 times the fp32 1/scale; per-tensor output rounded through fp32),
+    bitwise (reference and cpu backends only).
   * The clipped STE saves a bit-packed mask (1 bit per element), not x or a bool mask.
   * Value checks of *tensor* scales/zero points (positive, finite, in range) need a host sync,
     so they run for CPU tensors only; on CUDA they are skipped.
@@ -16,6 +17,7 @@ deliberate differences:
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 
 import torch
@@ -138,6 +140,8 @@ def fake_quantize_learnable(x: Tensor, scale: Tensor, zero_point: Tensor, quant_
     if isinstance(grad_factor, bool) or not isinstance(grad_factor, numbers.Real):
         raise TypeError(f"{op}: grad_factor must be a real number, "
                         f"got {type(grad_factor).__name__}")
+    if not math.isfinite(grad_factor):
+        raise ValueError(f"{op}: grad_factor ({grad_factor}) must be finite")
     x = _dense(x)
     return ops.fake_quant_learnable(x, scale, zero_point, qmin, qmax,
                                     -1 if axis is None else axis, float(grad_factor))

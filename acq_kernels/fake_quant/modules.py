@@ -14,6 +14,7 @@ from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantiz
 from torch.ao.quantization.observer import MovingAverageMinMaxObserver
 
 import acq_kernels as _ak  # partially initialised at import time; ops are looked up per call
+from .. import _validation as V
 
 __all__ = ["FakeQuant", "LearnableFakeQuant"]
 
@@ -179,6 +180,8 @@ class FakeQuant(FakeQuantize):
 
     # ----------------------------------------------------------------- forward
     def forward(self, X):
+        # Checked first: torch's observers would update their state before our op rejects X.
+        V.check_float_tensor("FakeQuant", "x", X)
         observe = _flag(self.observer_enabled, self._observer_on)
         quantize = _flag(self.fake_quant_enabled, self._fake_quant_on)
         obs = self.activation_post_process
@@ -277,6 +280,7 @@ class LearnableFakeQuant(_LearnableFakeQuantize):
         self.toggle_fake_quant(enabled)
 
     def forward(self, X):
+        V.check_float_tensor("LearnableFakeQuant", "x", X)  # before the observer sees X
         if _flag(self.static_enabled, self._static_on):
             self.activation_post_process(X.detach())
             scale, zero_point = self.activation_post_process.calculate_qparams()
