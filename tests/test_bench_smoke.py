@@ -1,0 +1,90 @@
+"""Smoke test of the benchmark suite: every case of bench.cases runs once, at a tiny size, on every
+contender usable here, in every mode — so CI catches a broken benchmark. It also checks that
+each eager baseline computes what the library's reference backend computes (a benchmark that
+compares different maths would be meaningless)."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `bench` package
+
+from bench import cases as C  # noqa: E402
+from bench import harness as H  # noqa: E402
+
+CPU = torch.device("cpu")
+TINY = C.Config(CPU, torch.float32, "tiny")
+# The acq_step cases drive a whole trainer; at tiny size only the embedded model is cheap enough.
+SMOKE_CASES = [c for c in C.all_cases() if not (c.family == "acq_step" and c.heavy)]
+
+
+def _finite(tensors):
+    return all(torch.isfinite(t).all() for t in tensors if t is not None and t.is_floating_point())
+
+
+@pytest.mark.parametrize("case", SMOKE_CASES, ids=lambda c: c.id)
+def test_case_runs_once_per_contender_and_mode(case):
+    # Triton under the interpreter is exercised by the kernel tests; here it would only be slow.
+    backends = tuple(b for b in ("reference", "cpu") if b == "reference" or H._backend.backend_usable(b, CPU))
+    impls = [i for i in H.implementations(case, CPU, compile=False, backends=backends)]
+    try:
+        wl = case.make(TINY)
+    except C.Unavailable as exc:
+        pytest.skip(str(exc))
+    ran = 0
+    for impl in impls:
+        if impl.name.startswith("acq:") and not case.acq_available():
+            continue
+        with H.backend_in_force(impl.backend):
+            runner = H.Runner(impl, wl, CPU)
+            for mode in case.modes:
+                out = runner.callable(mode)()
+                if mode != "step":
+                    assert _finite(H.flat_tensors(out)), (impl.name, mode)
+                else:
+                    assert all(math.isfinite(float(v.detach())) for v in out.values()), out
+                ran += 1
+    assert ran >= 2 * len(case.modes)  # at least the baseline and one other contender
+    if case.modes != ("step",):
+        assert wl.io_bytes("fwdbwd") == 2 * wl.io_bytes("fwd") > 0
+
+
+@pytest.mark.parametrize("case", [c for c in SMOKE_CASES if c.family != "acq_step"], ids=lambda c: c.id)
+def test_baseline_matches_the_reference_backend(case):
+    if not case.acq_available():
+        pytest.skip(f"acq_kernels lacks {case.acq_needs}")
+    torch.manual_seed(0)
+    wl_a = case.make(TINY)
+    torch.manual_seed(0)
+    wl_b = case.make(TINY)  # fresh state (observers update theirs in place)
+    base = H.flat_tensors(case.baseline(**wl_a.kwargs))
+    with H.backend_in_force("reference"):
+        ref = H.flat_tensors(case.acq(**wl_b.kwargs))
+    assert len(base) == len(ref)
+    for b, r in zip(base, ref):
+        assert b.shape == r.shape
+        torch.testing.assert_close(b.float(), r.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_report_tables_and_readme(tmp_path):
+    """The report's table, chart and README section from one tiny measured case."""
+    from bench import readme, report, tables
+    case = C.FAKE_QUANT[0]
+    rows = H.run_case(case, TINY, H.implementations(case, CPU, compile=False, backends=("reference",)),
+                      rounds=3, block_s=0.001, log=lambda *_: None)
+    result = {"schema": 1, "machine": report.machine_info(CPU), "device": "cpu", "size": "tiny",
+              "date": "2000-01-01T00:00:00+00:00", "git_commit": None, "compile": False, "wall_s": 0,
+              "d2d_copy_GBps": None, "results": rows}
+    path, png = report.write(result, str(tmp_path))
+    assert os.path.exists(path) and png and os.path.getsize(png) > 0
+    text = tables.text_table(result)
+    assert "per_tensor" in text and "fwdbwd" in text
+    md = tmp_path / "README.md"
+    md.write_text("# x\n\nintro\n")
+    readme.update(str(md), str(tmp_path))
+    readme.update(str(md), str(tmp_path))  # idempotent: one section, regenerated in place
+    body = md.read_text()
+    assert body.count(readme.START) == 1 and body.startswith("# x\n\nintro\n")
+    assert "GPU figures are not yet measured" in body and "| per_tensor |" in body

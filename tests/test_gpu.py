@@ -1,0 +1,305 @@
+"""GPU correctness: every backend usable on CUDA (triton, cuda) against the reference backend, on
+fresh random inputs, for each family's public ops — forward values and input gradients, fp32 /
+bf16 / fp16, contiguous, channels_last and strided layouts. Auto-skipped without a GPU; run by
+scripts/gpu_check.sh on the GPU box."""
+import contextlib
+
+import pytest
+import torch
+
+import acq_kernels
+from acq_kernels import _backend
+
+pytestmark = pytest.mark.cuda
+
+DEV = torch.device("cuda")
+GPU_BACKENDS = ("triton", "cuda")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LAYOUTS = ("contiguous", "channels_last", "strided")
+TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (5e-3, 5e-3)}
+
+
+@contextlib.contextmanager
+def use(backend):
+    """Process-wide choice: CUDA backwards run on autograd's own threads."""
+    before = _backend._global_choice
+    acq_kernels.set_backend(backend)
+    try:
+        yield
+    finally:
+        _backend._global_choice = before
+
+
+def run(backend, fn, inputs, leaves):
+    """fn(**clones of inputs) on `backend` -> (flat outputs, grads of leaves) with fixed random
+    output gradients; skips when the backend does not implement the op for these inputs."""
+    args = {k: _clone(v) for k, v in inputs.items()}
+    leaf_args = [args[k] for k in leaves]
+    with use(backend):
+        try:
+            out = fn(**args)
+        except RuntimeError as exc:
+            if "does not implement" in str(exc) or "cannot run" in str(exc):
+                pytest.skip(f"{backend}: {exc}")
+            raise
+        flat = _flat(out)
+        diff = [o for o in flat if o.requires_grad]
+        grads = []
+        if diff and leaf_args:
+            gen = torch.Generator(device=DEV).manual_seed(1)
+            gouts = [torch.randn(o.shape, generator=gen, device=DEV, dtype=o.dtype) for o in diff]
+            flat_leaves = [t for v in leaf_args for t in (v if isinstance(v, list) else [v])]
+            grads = torch.autograd.grad(diff, flat_leaves, gouts, allow_unused=True)
+    torch.cuda.synchronize()
+    return [o.detach() for o in flat], list(grads), args
+
+
+def _clone(v):
+    if isinstance(v, torch.Tensor):
+        c = v.detach().clone(memory_format=torch.preserve_format)
+        if v.stride() != c.stride():  # keep strided views strided
+            c = torch.empty_strided(v.size(), v.stride(), device=v.device, dtype=v.dtype).copy_(v)
+        return c.requires_grad_(v.requires_grad)
+    if isinstance(v, list):
+        return [_clone(t) for t in v]
+    return v
+
+
+def _flat(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat(o)]
+    return []
+
+
+def close(got, ref, dtype, what):
+    rtol, atol = TOL[dtype]
+    assert len(got) == len(ref), what
+    for i, (g, r) in enumerate(zip(got, ref)):
+        if g is None or r is None:
+            assert g is None and r is None, f"{what}[{i}]: gradient present on one side only"
+            continue
+        assert g.shape == r.shape and g.dtype == r.dtype, f"{what}[{i}]: {g.shape}/{g.dtype} vs {r.shape}/{r.dtype}"
+        torch.testing.assert_close(g.float(), r.float(), rtol=rtol, atol=atol, msg=lambda m: f"{what}[{i}]: {m}")
+
+
+def close_quantized(got, ref, step, what, max_frac=1e-3):
+    """Fake-quantized tensors: equal except on rare rounding ties, which move one step."""
+    diff = (got.float() - ref.float()).abs()
+    bad = diff > 1e-6 + 1e-3 * step
+    assert bad.float().mean().item() <= max_frac, f"{what}: {bad.sum().item()} of {bad.numel()} elements differ"
+    assert diff.max().item() <= step * 1.01 + 1e-6, f"{what}: max diff {diff.max().item()} > one step {step}"
+
+
+def feature(shape, dtype, layout, scale=1.0):
+    if layout == "strided":  # a non-contiguous view: every other column of a wider tensor
+        n, c, h, w = shape
+        return (torch.randn(n, c, h, 2 * w, device=DEV, dtype=dtype) * scale)[..., ::2]
+    t = torch.randn(shape, device=DEV, dtype=dtype) * scale
+    return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
+
+
+def backends_or_skip(backend):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if not _backend.backend_usable(backend, DEV):
+        pytest.skip(f"backend {backend} is not usable on CUDA here")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake quantization
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("ste", ("clipped", "pure"))
+@pytest.mark.parametrize("per_channel", (False, True), ids=("per_tensor", "per_channel"))
+def test_fake_quantize(backend, dtype, layout, ste, per_channel):
+    backends_or_skip(backend)
+    x = feature((3, 7, 17, 19), dtype, layout).requires_grad_(True)
+    if per_channel:
+        scale = torch.rand(7, device=DEV) * 0.05 + 0.01
+        zp = torch.randint(0, 16, (7,), device=DEV, dtype=torch.int32)
+        axis = 1
+    else:
+        scale = torch.tensor(0.037, device=DEV)
+        zp = torch.tensor(5, device=DEV, dtype=torch.int32)
+        axis = None
+
+    def fn(x, scale, zp):
+        return acq_kernels.fake_quantize(x, scale, zp, 0, 15, axis=axis, ste=ste)
+
+    inputs = dict(x=x, scale=scale, zp=zp)
+    ref, gref, _ = run("reference", fn, inputs, ["x"])
+    got, ggot, _ = run(backend, fn, inputs, ["x"])
+    step = float(scale.max())
+    close_quantized(got[0], ref[0], step, "out")
+    assert got[0].dtype == dtype and got[0].shape == x.shape
+    # STE gradients: g or 0; a rounding tie can move an element across the clip boundary.
+    close_quantized(ggot[0], gref[0], float(gref[0].float().abs().max()) + 1e-6, "grad x")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+def test_fake_quantize_learnable(backend, dtype, layout):
+    backends_or_skip(backend)
+    x = feature((4, 6, 15, 13), dtype, layout).requires_grad_(True)
+    scale = torch.tensor([0.041], device=DEV, requires_grad=True)
+    zp = torch.tensor([6.3], device=DEV, requires_grad=True)
+
+    def fn(x, scale, zp):
+        return acq_kernels.fake_quantize_learnable(x, scale, zp, 0, 15, grad_factor=0.5)
+
+    inputs = dict(x=x, scale=scale, zp=zp)
+    ref, gref, _ = run("reference", fn, inputs, ["x", "scale", "zp"])
+    got, ggot, _ = run(backend, fn, inputs, ["x", "scale", "zp"])
+    close_quantized(got[0], ref[0], 0.041, "out")
+    close_quantized(ggot[0], gref[0], float(gref[0].float().abs().max()) + 1e-6, "grad x")
+    # scale / zero-point gradients are sums over every element: compare relatively.
+    for i, name in ((1, "grad scale"), (2, "grad zp")):
+        torch.testing.assert_close(ggot[i].float(), gref[i].float(), rtol=2e-2, atol=1e-2 * x.numel() ** 0.5,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("axis", (None, 0), ids=("per_tensor", "per_channel"))
+@pytest.mark.parametrize("symmetric", (False, True))
+def test_fake_quantize_minmax(backend, dtype, axis, symmetric):
+    backends_or_skip(backend)
+    w = (torch.randn(33, 17, 3, 3, device=DEV, dtype=dtype) * 0.05).requires_grad_(True)
+
+    def fn(w):
+        return acq_kernels.fake_quantize_minmax(w, -8, 7, axis=axis, symmetric=symmetric)
+
+    ref, gref, _ = run("reference", fn, dict(w=w), ["w"])
+    got, ggot, _ = run(backend, fn, dict(w=w), ["w"])
+    torch.testing.assert_close(got[1].float(), ref[1].float(), rtol=1e-6, atol=1e-9)  # scale
+    torch.testing.assert_close(got[2].float(), ref[2].float(), rtol=0, atol=0)        # zero point
+    close_quantized(got[0], ref[0], float(ref[1].max()), "out")
+    close_quantized(ggot[0], gref[0], float(gref[0].float().abs().max()) + 1e-6, "grad w")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fake_quantize_moving_average(backend, dtype, layout):
+    backends_or_skip(backend)
+    x = feature((5, 8, 11, 9), dtype, layout, scale=2.0).requires_grad_(True)
+    state = dict(min_val=torch.tensor([-1.0], device=DEV), max_val=torch.tensor([1.5], device=DEV),
+                 scale=torch.tensor([0.1], device=DEV), zero_point=torch.tensor([8], device=DEV, dtype=torch.int32))
+
+    def fn(x, min_val, max_val, scale, zero_point):
+        return acq_kernels.fake_quantize_moving_average(x, min_val, max_val, scale, zero_point, 0, 15,
+                                                        averaging_constant=0.1)
+
+    ref, gref, sref = run("reference", fn, dict(x=x, **state), ["x"])
+    got, ggot, sgot = run(backend, fn, dict(x=x, **state), ["x"])
+    for k in ("min_val", "max_val", "scale"):
+        torch.testing.assert_close(sgot[k], sref[k], rtol=1e-6, atol=1e-7, msg=lambda m: f"{k}: {m}")
+    assert torch.equal(sgot["zero_point"], sref["zero_point"])
+    out_ref = ref[0] if ref[0].shape == x.shape else next(t for t in ref if t.shape == x.shape)
+    out_got = got[0] if got[0].shape == x.shape else next(t for t in got if t.shape == x.shape)
+    close_quantized(out_got, out_ref, float(sref["scale"]), "out")
+    close_quantized(ggot[0], gref[0], float(gref[0].float().abs().max()) + 1e-6, "grad x")
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention maps and their losses
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("p", (2, 1))
+def test_spatial_attention(backend, dtype, layout, p):
+    backends_or_skip(backend)
+    feat = feature((6, 37, 9, 11), dtype, layout).requires_grad_(True)
+    fn = lambda feat: acq_kernels.spatial_attention(feat, p=p)  # noqa: E731
+    ref, gref, _ = run("reference", fn, dict(feat=feat), ["feat"])
+    got, ggot, _ = run(backend, fn, dict(feat=feat), ["feat"])
+    close(got, ref, dtype, "amap/anorm/center")
+    close(ggot, gref, dtype, "grad feat")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_losses(backend, dtype):
+    backends_or_skip(backend)
+    n, hw = 10, 63
+    a = torch.nn.functional.normalize(torch.rand(2 * n, hw, device=DEV), dim=1).to(dtype).requires_grad_(True)
+    center = (torch.rand(n, 2, device=DEV) * 2 - 1).to(dtype).requires_grad_(True)
+    target = torch.rand(n, 2, device=DEV) * 2 - 1
+
+    def fn(a, center, target):
+        return (acq_kernels.attention_sq_distance(a[:n], a[n:]),
+                acq_kernels.attention_sq_distance(a),  # stacked form
+                acq_kernels.attention_pair_hinge(a[:n], a[n:], margin=0.5),
+                acq_kernels.attention_center_loss(center, target.to(center.dtype)))
+
+    inputs = dict(a=a, center=center, target=target)
+    ref, gref, _ = run("reference", fn, inputs, ["a", "center"])
+    got, ggot, _ = run(backend, fn, inputs, ["a", "center"])
+    close(got, ref, dtype, "losses")
+    close(ggot, gref, dtype, "grads")
+
+
+# ---------------------------------------------------------------------------------------------
+# BN statistics
+# ---------------------------------------------------------------------------------------------
+def _bn_inputs(dtype):
+    return [feature((4, 16, 9, 9), dtype, "contiguous", 2.0).add_(0.5).requires_grad_(True),
+            feature((4, 33, 5, 7), dtype, "channels_last").requires_grad_(True),
+            feature((4, 8, 6, 5), dtype, "strided").requires_grad_(True)]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bn_stats(backend, dtype):
+    backends_or_skip(backend)
+    xs = _bn_inputs(dtype)
+    ref, gref, _ = run("reference", lambda xs: acq_kernels.bn_stats(xs), dict(xs=xs), ["xs"])
+    got, ggot, _ = run(backend, lambda xs: acq_kernels.bn_stats(xs), dict(xs=xs), ["xs"])
+    close(got, ref, torch.float32 if dtype == torch.float32 else torch.float16, "mean/var")
+    close(ggot, gref, dtype, "grads")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bns_loss(backend, dtype):
+    backends_or_skip(backend)
+    xs = _bn_inputs(dtype)
+    rms = [torch.randn(x.shape[1], device=DEV) * 0.1 for x in xs]
+    rvs = [torch.rand(x.shape[1], device=DEV) + 0.5 for x in xs]
+    fn = lambda tensors, running_means, running_vars: acq_kernels.bns_loss(tensors, running_means, running_vars)  # noqa: E731
+    inputs = dict(tensors=xs, running_means=rms, running_vars=rvs)
+    ref, gref, _ = run("reference", fn, inputs, ["tensors"])
+    got, ggot, _ = run(backend, fn, inputs, ["tensors"])
+    close(got, ref, torch.float32 if dtype == torch.float32 else torch.float16, "loss/per_layer")
+    close(ggot, gref, dtype, "grads")
+
+
+def test_benchmark_contenders_agree_on_cuda():
+    """The benchmark's eager baselines compute what the library computes, on the GPU too."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench import cases as C
+    from bench import harness as H
+    cfg = C.Config(DEV, torch.float32, "tiny")
+    checked = 0
+    for case in C.all_cases(["fake_quant", "attention", "bn_stats"]):
+        if not case.acq_available():
+            continue
+        torch.manual_seed(0)
+        a = H.flat_tensors(case.baseline(**case.make(cfg).kwargs))
+        torch.manual_seed(0)
+        wl = case.make(cfg)
+        with H.backend_in_force("auto"):
+            b = H.flat_tensors(case.acq(**wl.kwargs))
+        assert len(a) == len(b), case.id
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x.float(), y.float(), rtol=1e-4, atol=1e-4, msg=lambda m: f"{case.id}: {m}")
+        checked += 1
+    assert checked > 0
