@@ -28,13 +28,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _fresh_seed_and_backend():
     """Each test gets its own random draw (seeded by name, so a failure reproduces) and
-    leaves the backend choice as it found it."""
+    leaves no backend choice behind."""
     import zlib
     name = os.environ.get("PYTEST_CURRENT_TEST", "")
     torch.manual_seed(zlib.crc32(name.encode()) ^ int(os.environ.get("ACQ_TEST_SEED", "0")))
-    before = _backend._global_choice
     yield
-    _backend._global_choice = before
+    # Back to "no choice made" (env var / auto), also undoing module-scoped fixtures that ran
+    # a CLI command in-process (commands set the backend process-wide, as a CLI should).
+    _backend._global_choice = None
+    _backend._state.stack = []
 
 
 def cpu_backends():
