@@ -58,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", nargs="?", const="", metavar="CKPT",
                    help="checkpoint file or directory (no value: WORK_DIR/checkpoints)")
     t.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    # multi-process runs (torchrun --nproc_per_node=N -m acq train ...) and non-finite losses
+    t.add_argument("--bns-stats", choices=("global", "local"),
+                   help="under torchrun: match BN statistics of the global batch (default) or per rank")
+    t.add_argument("--skip-nonfinite", action="store_true", default=None,
+                   help="skip (and count) a step with a non-finite loss instead of stopping the run")
 
     te = sub.add_parser("teacher", help="train an FP teacher on local data (e.g. CIFAR-10)")
     _add_common(te)
@@ -121,23 +126,45 @@ def _eval_data(cfg):
 
 
 def cmd_train(args) -> int:
-    import acq_kernels
+    import dataclasses
+
+    from . import distributed
     from .config import make_config
     from .trainer import Trainer
 
     cfg = make_config(args.config, **_train_overrides(args))
+    # --- torch.distributed: under torchrun (WORLD_SIZE > 1) join the group; rank 0 alone writes ---
+    device = distributed.init_from_env(cfg.device)
+    if device is None:
+        return _train(args, cfg, Trainer)
+    try:
+        return _train(args, dataclasses.replace(cfg, device=device), distributed.DistributedTrainer)
+    finally:
+        distributed.shutdown()
+
+
+def _train(args, cfg, trainer_cls) -> int:
+    import acq_kernels
+    from . import distributed
+
+    main = distributed.is_main()
     acq_kernels.set_backend(cfg.backend)
-    teacher = _teacher_for(cfg, cfg.progress)
+    with distributed.main_first():  # rank 0 fills the teacher cache first
+        teacher = _teacher_for(cfg, cfg.progress and main)
     data = _eval_data(cfg)
-    trainer = Trainer(cfg, teacher, eval_data=data, out_dir=cfg.work_dir)
+    trainer = trainer_cls(cfg, teacher, eval_data=data, out_dir=cfg.work_dir)
     if args.resume is not None:
         src = args.resume or os.path.join(cfg.work_dir, "checkpoints")
         file = trainer.resume(src)  # validated (readable, same config) before anything is written
-        print(f"acq: resumed from {file} at epoch {trainer.epoch}", file=sys.stderr)
-    os.makedirs(cfg.work_dir, exist_ok=True)
-    with open(os.path.join(cfg.work_dir, "config.json"), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=1)
+        if main:
+            print(f"acq: resumed from {file} at epoch {trainer.epoch}", file=sys.stderr)
+    if main:
+        os.makedirs(cfg.work_dir, exist_ok=True)
+        with open(os.path.join(cfg.work_dir, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=1)
     result = trainer.fit()
+    if not main:
+        return 0
     with open(os.path.join(cfg.work_dir, "result.json"), "w") as f:
         json.dump(result, f, indent=1)
     if result["final_acc"] is not None:

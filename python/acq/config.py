@@ -66,10 +66,14 @@ class Config:
     keep_checkpoints: int = 3
     log_every: int = 10
     progress: bool = True
+    # multi-process (torchrun) and resilience: BNS on the global or per-rank batch statistics;
+    # skip (and count) a step whose loss is non-finite instead of stopping the run
+    bns_stats: str = "global"
+    skip_nonfinite: bool = False
 
     # fields that may differ between a checkpoint and the run resuming it
     RESUMABLE_CHANGES = ("epochs", "device", "backend", "work_dir", "keep_checkpoints", "log_every", "progress",
-                         "data_dir", "channels_last")
+                         "data_dir", "channels_last", "bns_stats", "skip_nonfinite")
 
     @property
     def classes(self) -> int:
@@ -99,6 +103,8 @@ class Config:
             raise AcqError(f"ste must be one of {STE_MODES}, got {self.ste!r}")
         if self.kd_reduction not in KD_REDUCTIONS:
             raise AcqError(f"kd_reduction must be one of {KD_REDUCTIONS}, got {self.kd_reduction!r}")
+        if self.bns_stats not in ("global", "local"):
+            raise AcqError(f"bns_stats must be 'global' or 'local', got {self.bns_stats!r}")
         if self.backend not in BACKENDS:
             raise AcqError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         for name in ("epochs", "iters_per_epoch", "batch_size", "latent_dim", "gen_width", "keep_checkpoints",

@@ -62,6 +62,12 @@ class Trainer:
         self.history: list[dict] = []
         self.best = None
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
+        # --- distributed/resilience hooks (python/acq/distributed.py swaps in DDP wrappers) ---
+        self.g_forward = self.generator   # what the step calls; the raw modules own the state dicts
+        self.q_forward = self.student
+        self.skipped_steps = 0            # non-finite steps skipped (cfg.skip_nonfinite)
+        self._first_bad: dict[str, torch.Tensor] = {}  # per loss: first non-finite iteration, on device
+        self.last_checkpoint: str | None = None
 
     # ------------------------------------------------------------------ sampling
     def sample(self):
@@ -79,13 +85,13 @@ class Trainer:
     def generator_step(self):
         cfg = self.cfg
         z, y, c = self.sample()
-        x = self.generator(z, y, c).contiguous(memory_format=self.mf)
+        x = self.g_forward(z, y, c).contiguous(memory_format=self.mf)
         zero = x.new_zeros(())
         with self.tap_t.capture() as tap, ops.bn_stat_collector(self.teacher) as bns:
             t_logits = self.teacher(x)
         feats_eval = tap.feats
         losses = {"g_ce": F.cross_entropy(t_logits, y) if cfg.lambda_ce > 0 else zero,
-                  "g_bns": bns.loss()[0] if cfg.beta_bns > 0 else zero,
+                  "g_bns": self._bns_loss(bns) if cfg.beta_bns > 0 else zero,
                   "g_acm": zero, "g_pair": zero, "g_cons": zero}
         if cfg.acq_terms_on:
             n = x.shape[0]
@@ -110,19 +116,17 @@ class Trainer:
         total = (cfg.lambda_ce * losses["g_ce"] + cfg.beta_bns * losses["g_bns"] + cfg.lambda_acm * losses["g_acm"]
                  + cfg.lambda_pair * losses["g_pair"] + cfg.lambda_cons * losses["g_cons"])
         losses["g_total"] = total
-        self.opt_g.zero_grad(set_to_none=True)
-        total.backward()
-        self.opt_g.step()
+        self._optimize(total, self.opt_g, "g_total")
         return x.detach(), y, t_logits.detach(), [f.detach() for f in feats_eval], losses
 
     def student_step(self, x, y, t_logits, t_feats):
         cfg = self.cfg
         if self.tap_q is not None:
             with self.tap_q.capture() as tap:
-                q_logits = self.student(x)
+                q_logits = self.q_forward(x)
             q_feats = tap.feats
         else:
-            q_logits = self.student(x)
+            q_logits = self.q_forward(x)
         zero = q_logits.new_zeros(())
         losses = {"q_kd": kd_loss(q_logits, t_logits, cfg.kd_temperature, cfg.kd_reduction),
                   "q_ce": F.cross_entropy(q_logits, y), "q_at": zero}
@@ -131,9 +135,7 @@ class Trainer:
             losses["q_at"] = stacked_sq_distance([a[1] for a in att])
         total = cfg.lambda_kd * losses["q_kd"] + cfg.lambda_ce_q * losses["q_ce"] + cfg.lambda_at * losses["q_at"]
         losses["q_total"] = total
-        self.opt_q.zero_grad(set_to_none=True)
-        total.backward()
-        self.opt_q.step()
+        self._optimize(total, self.opt_q, "q_total")
         return losses
 
     def step(self) -> dict:
@@ -145,7 +147,9 @@ class Trainer:
             losses.update(self.student_step(x, y, t_logits, t_feats))
         elif observing:
             with torch.no_grad():  # warm-up: only G trains, but the ranges follow its images
-                self.student(x)
+                self.q_forward(x)
+        if observing:
+            self._after_observe()
         self.iteration += 1
         return losses
 
@@ -170,6 +174,7 @@ class Trainer:
                 sums[k] = sums.get(k, 0) + v.detach()
             if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.iters_per_epoch:
                 # the only host syncs of the loop: every log_every iterations
+                self._check_nonfinite()
                 running = {k: round(float(v) / (i + 1), 5) for k, v in sums.items()}
                 bar.set_postfix({k: f"{v:.3g}" for k, v in running.items() if k.endswith("total")
                                  or k in ("g_ce", "g_bns", "q_kd")})
@@ -177,13 +182,13 @@ class Trainer:
         bar.close()
         summary = {"kind": "epoch", "epoch": self.epoch, "iteration": self.iteration,
                    "seconds": round(time.perf_counter() - t0, 3),
-                   "lr_q": self.opt_q.param_groups[0]["lr"],
+                   "lr_q": self.opt_q.param_groups[0]["lr"], "skipped_steps": self.skipped_steps,
                    **{k: round(float(v) / cfg.iters_per_epoch, 5) for k, v in sums.items()}}
         if self.epoch >= cfg.warmup_epochs:
             self.sched_q.step()
         if self.eval_data is not None:
             set_observing(self.student, False)
-            summary["acc"] = evaluate(self.student, self.eval_data, self.device, cfg.channels_last)
+            summary["acc"] = self._evaluate()
             if self.best is None or summary["acc"] > self.best["acc"]:
                 self.best = {"epoch": self.epoch, "acc": summary["acc"]}
         self._log(summary)
@@ -207,6 +212,58 @@ class Trainer:
                   "epochs": self.cfg.epochs, "iterations": self.iteration}
         return result
 
+    # ------------------------------------------------------------------ hooks (overridden for torch.distributed)
+    def _bns_loss(self, bns):
+        return bns.loss()[0]
+
+    def _all_finite(self, total: torch.Tensor) -> bool:
+        return bool(torch.isfinite(total.detach()))
+
+    def _after_observe(self) -> None:
+        """After a step that updated the activation ranges (distributed: keep ranks in sync)."""
+
+    def _evaluate(self) -> float:
+        return evaluate(self.student, self.eval_data, self.device, self.cfg.channels_last)
+
+    # Checked before each update (one host sync per step) when steps must be skipped or when ranks
+    # must agree; otherwise the first non-finite step is noted on the device and reported at the
+    # next log point (the loop's existing sync), which always precedes the epoch's checkpoint.
+    immediate_finite_check = False
+
+    def _nonfinite_error(self, name: str, epoch: int, iteration: int):
+        from .errors import AcqError
+        return AcqError(f"non-finite {name} at epoch {epoch + 1}, iteration {iteration}; "
+                        f"last good checkpoint: {self.last_checkpoint or 'none (nothing saved yet)'}")
+
+    def _optimize(self, total: torch.Tensor, opt, name: str) -> None:
+        """zero_grad / backward / step; a non-finite loss stops the run (AcqError naming the step and
+        the last good checkpoint) or, with cfg.skip_nonfinite, skips this update and counts it."""
+        skip = self.cfg.skip_nonfinite
+        if skip or self.immediate_finite_check:
+            if not self._all_finite(total):
+                if not skip:
+                    raise self._nonfinite_error(name, self.epoch, self.iteration + 1)
+                self.skipped_steps += 1
+                opt.zero_grad(set_to_none=True)
+                return
+        else:
+            prev = self._first_bad.get(name, torch.full((), -1, dtype=torch.long, device=total.device))
+            bad = (prev < 0) & ~torch.isfinite(total.detach())
+            self._first_bad[name] = torch.where(bad, self.iteration + 1, prev)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+
+    def _check_nonfinite(self) -> None:
+        """Raise for the first non-finite loss noted since the last check (host sync)."""
+        if not self._first_bad:
+            return
+        found = [(int(v), k) for k, v in self._first_bad.items() if int(v) >= 0]
+        self._first_bad = {}
+        if found:
+            it, name = min(found)
+            raise self._nonfinite_error(name, self.epoch, it)
+
     def close(self) -> None:
         """Remove the feature hooks this trainer put on the (shared) teacher and the student."""
         self.tap_t.remove()
@@ -219,11 +276,13 @@ class Trainer:
                 "iteration": self.iteration, "generator": self.generator.state_dict(),
                 "student": self.student.state_dict(), "opt_g": self.opt_g.state_dict(),
                 "opt_q": self.opt_q.state_dict(), "sched_q": self.sched_q.state_dict(),
-                "history": self.history, "best": self.best, "rng": ckpt.rng_state()}
+                "history": self.history, "best": self.best, "rng": ckpt.rng_state(),
+                "skipped_steps": self.skipped_steps}
 
     def save(self) -> str:
-        return ckpt.save_checkpoint(os.path.join(self.out_dir, "checkpoints"), self.epoch, self.state_dict(),
-                                    keep=self.cfg.keep_checkpoints)
+        self.last_checkpoint = ckpt.save_checkpoint(os.path.join(self.out_dir, "checkpoints"), self.epoch,
+                                                    self.state_dict(), keep=self.cfg.keep_checkpoints)
+        return self.last_checkpoint
 
     def resume(self, path: str) -> str:
         state, file = ckpt.load_checkpoint(path)
@@ -235,5 +294,7 @@ class Trainer:
         self.sched_q.load_state_dict(state["sched_q"])
         self.epoch, self.iteration = state["epoch"], state["iteration"]
         self.history, self.best = state["history"], state["best"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.last_checkpoint = file
         ckpt.set_rng_state(state["rng"])
         return file
