@@ -1,6 +1,7 @@
 """acq_kernels: fused kernels for data-free quantization."""
 __version__ = "0.1.0"
 from ._backend import get_backend, set_backend  # noqa: E402,F401
+from .cpu_allocator import tune_cpu_allocator  # noqa: E402,F401
 from .fake_quant import (fake_quantize, fake_quantize_learnable,  # noqa: E402,F401
                          fake_quantize_minmax, fake_quantize_moving_average)
 from .fake_quant.modules import FakeQuant, LearnableFakeQuant  # noqa: E402,F401

@@ -18,5 +18,7 @@ def pytest_addoption(parser):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
+    import acq_kernels
+    acq_kernels.tune_cpu_allocator()  # as bench.report does: same allocator for every contender
     if "--benchmark-disable" not in config.invocation_params.args:
         config.option.benchmark_enable = True

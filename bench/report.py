@@ -21,6 +21,8 @@ import time
 
 import torch
 
+import acq_kernels
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(ROOT, "bench", "results")
 
@@ -154,6 +156,9 @@ def run(args, on_progress=None) -> dict:
     from bench import cases as C
     from bench import harness as H
 
+    # Every contender runs under the same allocator; without this, glibc page-faults each large
+    # fresh tensor and allocation, not compute, dominates every CPU timing.
+    record_allocator = acq_kernels.tune_cpu_allocator()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtypes = [getattr(torch, d) for d in (args.dtypes.split(",") if args.dtypes else
                                            (["float32", "bfloat16"] if device.type == "cuda" else ["float32"]))]
@@ -172,7 +177,8 @@ def run(args, on_progress=None) -> dict:
     result = {"schema": 1, "machine": info, "device": device.type, "size": size,
               "date": start.isoformat(timespec="seconds"), "git_commit": _git_commit(),
               "compile": args.compile, "rounds": rounds, "block_s": block_s, "case_budget_s": case_budget,
-              "load_average_before": _loadavg(), "d2d_copy_GBps": None, "results": rows}
+              "load_average_before": _loadavg(), "d2d_copy_GBps": None,
+              "cpu_allocator_tuned": record_allocator, "results": rows}
     print(f"bench.report: {len(chosen)} cases on {device} ({info.get('gpu') or info['cpu']}), size={size}, "
           f"dtypes={[str(d).replace('torch.', '') for d in dtypes]}, compile={args.compile}, "
           f"load average {result['load_average_before']}")

@@ -79,3 +79,15 @@ def test_cli_reports_backends():
     out = subprocess.run([sys.executable, "-m", "acq_kernels"], capture_output=True, text=True,
                          check=True).stdout
     assert "torch" in out and "backend" in out and "cpu" in out
+
+
+def test_tune_cpu_allocator_keeps_freed_buffers_for_reuse():
+    code = ("import sys, acq_kernels\n"
+            "print(acq_kernels.tune_cpu_allocator(), acq_kernels.tune_cpu_allocator())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == (["True", "True"] if sys.platform.startswith("linux") else ["False", "False"])
+    with pytest.raises(ValueError, match="max_reused_bytes"):
+        acq_kernels.tune_cpu_allocator(0)
+    with pytest.raises(TypeError, match="max_reused_bytes"):
+        acq_kernels.tune_cpu_allocator(1.5)

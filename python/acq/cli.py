@@ -269,6 +269,8 @@ COMMANDS = {"train": cmd_train, "teacher": cmd_teacher, "eval": cmd_eval, "demo"
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    import acq_kernels
+    acq_kernels.tune_cpu_allocator()  # reuse freed CPU buffers instead of page-faulting new ones
     try:
         return COMMANDS[args.command](args)
     except AcqError as exc:
