@@ -6,6 +6,10 @@ tensors here (the ahead-of-time compile tests run in a subprocess without it).
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Nothing a test caches (the demo's digits teacher, ...) lands in the user's ~/.cache.
+import tempfile  # noqa: E402
+
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="acq-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
