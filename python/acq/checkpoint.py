@@ -68,6 +68,22 @@ def atomic_save(obj, path: str) -> None:
     _fsync_dir(directory)
 
 
+def atomic_write_text(path: str, text: str) -> None:
+    """Replace a text file atomically (same temp-file / fsync / rename protocol as checkpoints)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _fsync_dir(directory)
+
+
 def checkpoint_path(directory: str, epoch: int) -> str:
     return os.path.join(directory, f"ckpt-epoch{epoch:04d}.pt")
 

@@ -297,4 +297,22 @@ class Trainer:
         self.skipped_steps = state.get("skipped_steps", 0)
         self.last_checkpoint = file
         ckpt.set_rng_state(state["rng"])
+        self._drop_metrics_after(self.iteration)
         return file
+
+    def _drop_metrics_after(self, iteration: int) -> None:
+        """A run killed mid-epoch logged steps past its last checkpoint; the resumed run logs them
+        again, so drop those records (atomically) to keep metrics.jsonl one line per step."""
+        if not self.metrics_path or not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path) as f:
+            lines = f.readlines()
+        keep = []
+        for line in lines:
+            try:
+                if json.loads(line).get("iteration", 0) <= iteration:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except ValueError:  # a line cut short by the kill
+                pass
+        if len(keep) != len(lines):
+            ckpt.atomic_write_text(self.metrics_path, "".join(keep))
