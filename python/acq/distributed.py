@@ -88,7 +88,12 @@ def init_from_env(device: str) -> str | None:
 
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            # Leave together: a rank that tears its gloo pairs down while rank 0 is still writing
+            # its last checkpoint can abort the peer ("terminate called without an active exception").
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def is_main() -> bool:
@@ -243,6 +248,10 @@ class DistributedTrainer(Trainer):
         dist.barrier(group=self.group)  # nobody reports a checkpoint before it exists
         self.last_checkpoint = ckpt.checkpoint_path(directory, self.epoch)
         return self.last_checkpoint
+
+    def _drop_metrics_after(self, iteration):
+        if self.rank == 0:  # rank 0 alone owns the log
+            super()._drop_metrics_after(iteration)
 
     def resume(self, path):
         file = super().resume(path)
