@@ -263,15 +263,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fq_minmax_forward_cpu(const Tensor& x
   return {out, mask, scale, zp};
 }
 
-std::tuple<Tensor, Tensor> fq_moving_average_forward_cpu(
-    const Tensor& x, Tensor& min_val, Tensor& max_val, Tensor& scale, Tensor& zero_point,
-    double averaging_constant, int64_t quant_min, int64_t quant_max, bool symmetric, double eps,
-    bool observe, bool save_mask) {
+// Argument checks shared by the CPU and CUDA moving-average ops.
+void check_moving_average_args(const Tensor& x, const Tensor& min_val, const Tensor& max_val,
+                               const Tensor& scale, const Tensor& zero_point, int64_t quant_min,
+                               int64_t quant_max, double eps) {
   check_observer(x, quant_min, quant_max, eps);
   check_scalar_buffer(x, min_val, "min_val", at::kFloat);
   check_scalar_buffer(x, max_val, "max_val", at::kFloat);
   check_scalar_buffer(x, scale, "scale", at::kFloat);
   check_scalar_buffer(x, zero_point, "zero_point", at::kInt);
+}
+
+std::tuple<Tensor, Tensor> fq_moving_average_forward_cpu(
+    const Tensor& x, Tensor& min_val, Tensor& max_val, Tensor& scale, Tensor& zero_point,
+    double averaging_constant, int64_t quant_min, int64_t quant_max, bool symmetric, double eps,
+    bool observe, bool save_mask) {
+  check_moving_average_args(x, min_val, max_val, scale, zero_point, quant_min, quant_max, eps);
   Tensor out = at::empty_like(x);
   Tensor mask = new_mask(x, save_mask);
   if (x.numel() == 0) return {out, mask};  // nothing to observe or quantize
@@ -424,11 +431,7 @@ std::tuple<Tensor, Tensor> fq_moving_average_forward_cuda(
     const Tensor& x, Tensor& min_val, Tensor& max_val, Tensor& scale, Tensor& zero_point,
     double averaging_constant, int64_t quant_min, int64_t quant_max, bool symmetric, double eps,
     bool observe, bool save_mask) {
-  check_observer(x, quant_min, quant_max, eps);
-  check_scalar_buffer(x, min_val, "min_val", at::kFloat);
-  check_scalar_buffer(x, max_val, "max_val", at::kFloat);
-  check_scalar_buffer(x, scale, "scale", at::kFloat);
-  check_scalar_buffer(x, zero_point, "zero_point", at::kInt);
+  check_moving_average_args(x, min_val, max_val, scale, zero_point, quant_min, quant_max, eps);
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor out = at::empty_like(x);
   Tensor mask = new_mask(x, save_mask);
