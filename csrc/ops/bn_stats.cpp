@@ -115,17 +115,26 @@ at::Tensor bn_stats_fwd_cpu(const at::TensorList xs_in) {
   return all_double(xs_in) ? out : out.to(at::kFloat);
 }
 
-std::vector<at::Tensor> bn_stats_bwd_cpu(const at::TensorList xs_in, const at::Tensor& coef) {
-  check_inputs(xs_in, "bn_stats_bwd");
+// Shared by the CPU and CUDA backward: checks coef, lays the inputs out and allocates their
+// gradients in the same layout; returns the total channel count.
+int64_t prepare_backward(const at::TensorList xs_in, const at::Tensor& coef,
+                         std::vector<Geometry>* geo, std::vector<at::Tensor>* xs,
+                         std::vector<at::Tensor>* dxs) {
   const int64_t total_c = total_channels(xs_in);
   TORCH_CHECK(coef.dim() == 2 && coef.size(0) == 3 && coef.size(1) == total_c,
               "bn_stats_bwd: coef must have shape [3, ", total_c, "]");
+  *xs = prepare(xs_in, geo);
+  for (const auto& x : *xs) dxs->push_back(at::empty_like(x));
+  for (size_t i = 0; i < xs->size(); ++i)
+    TORCH_CHECK((*dxs)[i].strides() == (*xs)[i].strides(), "bn_stats_bwd: gradient layout mismatch");
+  return total_c;
+}
+
+std::vector<at::Tensor> bn_stats_bwd_cpu(const at::TensorList xs_in, const at::Tensor& coef) {
+  check_inputs(xs_in, "bn_stats_bwd");
   std::vector<Geometry> geo;
-  std::vector<at::Tensor> xs = prepare(xs_in, &geo);
-  std::vector<at::Tensor> dxs;
-  for (const auto& x : xs) dxs.push_back(at::empty_like(x));
-  for (size_t i = 0; i < xs.size(); ++i)
-    TORCH_CHECK(dxs[i].strides() == xs[i].strides(), "bn_stats_bwd: gradient layout mismatch");
+  std::vector<at::Tensor> xs, dxs;
+  const int64_t total_c = prepare_backward(xs_in, coef, &geo, &xs, &dxs);
   at::Tensor c = coef.to(at::kDouble).contiguous();
   acq::cpu::bn_stats_backward(cpu_layers(xs, geo, &dxs), c.data_ptr<double>(), total_c);
   return dxs;
@@ -215,15 +224,9 @@ at::Tensor bn_stats_fwd_cuda(const at::TensorList xs_in) {
 std::vector<at::Tensor> bn_stats_bwd_cuda(const at::TensorList xs_in, const at::Tensor& coef) {
   check_inputs(xs_in, "bn_stats_bwd");
   const c10::cuda::CUDAGuard guard(xs_in[0].device());
-  const int64_t total_c = total_channels(xs_in);
-  TORCH_CHECK(coef.dim() == 2 && coef.size(0) == 3 && coef.size(1) == total_c,
-              "bn_stats_bwd: coef must have shape [3, ", total_c, "]");
   std::vector<Geometry> geo;
-  std::vector<at::Tensor> xs = prepare(xs_in, &geo);
-  std::vector<at::Tensor> dxs;
-  for (const auto& x : xs) dxs.push_back(at::empty_like(x));
-  for (size_t i = 0; i < xs.size(); ++i)
-    TORCH_CHECK(dxs[i].strides() == xs[i].strides(), "bn_stats_bwd: gradient layout mismatch");
+  std::vector<at::Tensor> xs, dxs;
+  const int64_t total_c = prepare_backward(xs_in, coef, &geo, &xs, &dxs);
   int64_t n_tiles = 0, n_slots = 0;
   at::Tensor table = cuda_layer_table(xs, geo, &dxs, &n_tiles, &n_slots);
   at::Tensor c = coef.to(at::kFloat).contiguous();
