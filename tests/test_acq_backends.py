@@ -55,3 +55,38 @@ def test_channels_last_loop_matches_contiguous():
         out.append(t.step())
     for k in out[0]:
         torch.testing.assert_close(out[1][k], out[0][k], rtol=1e-3, atol=1e-4)
+
+
+def test_bf16_autocast_loop_tracks_fp32_and_keeps_fp32_state():
+    """--precision bf16 runs the forward passes in bf16 (the images the student sees are bf16) while
+    parameters, gradients and optimizer state stay fp32; the first step's losses follow fp32's."""
+    state = digits_net().state_dict()
+    losses, trainers = [], []
+    for precision in ("fp32", "bf16"):
+        cfg = make_config(epochs=2, iters_per_epoch=1, batch_size=8, warmup_epochs=0, range_epochs=1, gen_width=16,
+                          latent_dim=16, progress=False, seed=5, precision=precision, channels_last=True)
+        teacher = digits_net()
+        teacher.load_state_dict(state)
+        t = Trainer(cfg, teacher)
+        z, y, c = t.sample()
+        with t.autocast():
+            x = t.generator(z, y, c)
+        assert x.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+        losses.append(t.step())
+        trainers.append(t)
+    for k, v in losses[1].items():
+        assert v.dtype == torch.float32 and torch.isfinite(v), k
+        # bf16 keeps 8 mantissa bits: a few percent on losses that sum over layers
+        torch.testing.assert_close(v, losses[0][k], rtol=0.1, atol=0.05, msg=lambda m, k=k: f"{k}: {m}")
+    t = trainers[1]
+    for model in (t.generator, t.student):
+        for name, p in model.named_parameters():
+            assert p.dtype == torch.float32, name
+            assert p.grad is None or p.grad.dtype == torch.float32, name
+    assert all(s["exp_avg"].dtype == torch.float32 for s in t.opt_g.state.values())
+
+
+def test_precision_is_validated():
+    from acq.errors import AcqError
+    with pytest.raises(AcqError, match="precision"):
+        make_config(precision="fp16")

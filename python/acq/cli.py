@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--kd-reduction", help="batchmean (correct) | mean (GDFQ's code)")
     t.add_argument("--gdfq", action="store_true", help="all ACQ terms off (the ablation baseline)")
     t.add_argument("--channels-last", action="store_true", default=None)
+    t.add_argument("--precision", choices=("fp32", "bf16"),
+                   help="bf16: forward passes under bf16 autocast (weights, gradients, optimizers stay fp32)")
     t.add_argument("--work-dir")
     t.add_argument("--keep-checkpoints", type=int)
     t.add_argument("--log-every", type=int)
@@ -85,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--backend", default="auto")
     d.add_argument("--epochs", type=int)
     d.add_argument("--iters", dest="iters_per_epoch", type=int)
+    d.add_argument("--channels-last", action="store_true", default=None)
+    d.add_argument("--precision", choices=("fp32", "bf16"), help="forward precision of the training loop")
     d.add_argument("--threads", type=int, help="torch CPU threads (1 is much faster on a machine that is "
                                                 "already busy: OpenMP workers spin-wait against other processes)")
     d.add_argument("--no-progress", dest="progress", action="store_false", default=True)
@@ -250,7 +254,8 @@ def _parse_bits(specs) -> list[tuple[int, int]]:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    over = {k: getattr(args, k) for k in ("epochs", "iters_per_epoch") if getattr(args, k) is not None}
+    over = {k: getattr(args, k) for k in ("epochs", "iters_per_epoch", "channels_last", "precision")
+            if getattr(args, k) is not None}
     if args.threads is not None:
         if args.threads < 1:
             raise AcqError(f"--threads must be >= 1, got {args.threads}")

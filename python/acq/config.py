@@ -13,6 +13,7 @@ from .quant import STE_MODES, check_bits
 
 KD_REDUCTIONS = ("batchmean", "mean")
 BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
+PRECISIONS = ("fp32", "bf16")  # fp16 would need a GradScaler; bf16 keeps fp32's range
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Config:
     seed: int = 0
     backend: str = "auto"
     channels_last: bool = False
+    precision: str = "fp32"             # "bf16": forward passes under bf16 autocast (weights, grads, optimizers fp32)
     work_dir: str = "runs/acq"
     keep_checkpoints: int = 3
     log_every: int = 10
@@ -73,7 +75,7 @@ class Config:
 
     # fields that may differ between a checkpoint and the run resuming it
     RESUMABLE_CHANGES = ("epochs", "device", "backend", "work_dir", "keep_checkpoints", "log_every", "progress",
-                         "data_dir", "channels_last", "bns_stats", "skip_nonfinite")
+                         "data_dir", "channels_last", "precision", "bns_stats", "skip_nonfinite")
 
     @property
     def classes(self) -> int:
@@ -105,6 +107,8 @@ class Config:
             raise AcqError(f"kd_reduction must be one of {KD_REDUCTIONS}, got {self.kd_reduction!r}")
         if self.bns_stats not in ("global", "local"):
             raise AcqError(f"bns_stats must be 'global' or 'local', got {self.bns_stats!r}")
+        if self.precision not in PRECISIONS:
+            raise AcqError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.backend not in BACKENDS:
             raise AcqError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         for name in ("epochs", "iters_per_epoch", "batch_size", "latent_dim", "gen_width", "keep_checkpoints",

@@ -69,6 +69,10 @@ class Trainer:
         self._first_bad: dict[str, torch.Tensor] = {}  # per loss: first non-finite iteration, on device
         self.last_checkpoint: str | None = None
 
+    def autocast(self):
+        """The forward passes' precision context (backward and optimizer steps run outside it)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+
     # ------------------------------------------------------------------ sampling
     def sample(self):
         """(z, y, c) for one batch; with L_PAIR each (y, c) appears twice: [first draws; second draws]."""
@@ -85,8 +89,15 @@ class Trainer:
     def generator_step(self):
         cfg = self.cfg
         z, y, c = self.sample()
+        with self.autocast():
+            x, y, t_logits, feats_eval, losses = self._generator_losses(z, y, c)
+        self._optimize(losses["g_total"], self.opt_g, "g_total")
+        return x.detach(), y, t_logits.detach(), [f.detach() for f in feats_eval], losses
+
+    def _generator_losses(self, z, y, c):
+        cfg = self.cfg
         x = self.g_forward(z, y, c).contiguous(memory_format=self.mf)
-        zero = x.new_zeros(())
+        zero = x.new_zeros((), dtype=torch.float32)  # losses are fp32 under autocast too
         with self.tap_t.capture() as tap, ops.bn_stat_collector(self.teacher) as bns:
             t_logits = self.teacher(x)
         feats_eval = tap.feats
@@ -116,10 +127,15 @@ class Trainer:
         total = (cfg.lambda_ce * losses["g_ce"] + cfg.beta_bns * losses["g_bns"] + cfg.lambda_acm * losses["g_acm"]
                  + cfg.lambda_pair * losses["g_pair"] + cfg.lambda_cons * losses["g_cons"])
         losses["g_total"] = total
-        self._optimize(total, self.opt_g, "g_total")
-        return x.detach(), y, t_logits.detach(), [f.detach() for f in feats_eval], losses
+        return x, y, t_logits, feats_eval, losses
 
     def student_step(self, x, y, t_logits, t_feats):
+        with self.autocast():
+            losses = self._student_losses(x, y, t_logits, t_feats)
+        self._optimize(losses["q_total"], self.opt_q, "q_total")
+        return losses
+
+    def _student_losses(self, x, y, t_logits, t_feats):
         cfg = self.cfg
         if self.tap_q is not None:
             with self.tap_q.capture() as tap:
@@ -127,7 +143,7 @@ class Trainer:
             q_feats = tap.feats
         else:
             q_logits = self.q_forward(x)
-        zero = q_logits.new_zeros(())
+        zero = q_logits.new_zeros((), dtype=torch.float32)
         losses = {"q_kd": kd_loss(q_logits, t_logits, cfg.kd_temperature, cfg.kd_reduction),
                   "q_ce": F.cross_entropy(q_logits, y), "q_at": zero}
         if self.tap_q is not None:
@@ -135,7 +151,6 @@ class Trainer:
             losses["q_at"] = stacked_sq_distance([a[1] for a in att])
         total = cfg.lambda_kd * losses["q_kd"] + cfg.lambda_ce_q * losses["q_ce"] + cfg.lambda_at * losses["q_at"]
         losses["q_total"] = total
-        self._optimize(total, self.opt_q, "q_total")
         return losses
 
     def step(self) -> dict:
@@ -146,7 +161,7 @@ class Trainer:
         if self.epoch >= self.cfg.warmup_epochs:
             losses.update(self.student_step(x, y, t_logits, t_feats))
         elif observing:
-            with torch.no_grad():  # warm-up: only G trains, but the ranges follow its images
+            with torch.no_grad(), self.autocast():  # warm-up: only G trains, but the ranges follow its images
                 self.q_forward(x)
         if observing:
             self._after_observe()
