@@ -1,11 +1,51 @@
 """The whole ACQ training iteration (generator step + student step, W4A4, ranges frozen: the
-main phase of the schedule) as benchmark cases. The baseline is acq's own trainer on
-acq_kernels' reference backend (the end-to-end pure-PyTorch baseline); the contenders are the
-same trainer on the fused backends. Teachers have random weights: speed does not depend on them.
+main phase of the schedule) as benchmark cases, with a ladder that measures each speed-up alone.
+
+baseline       the eager pure-PyTorch loop as the published code writes it: acq_kernels'
+               reference backend, the teacher's weight gradients computed (and thrown away: it
+               is only put in eval mode), every loss read on the host each step for logging,
+               NCHW, fp32.
++kernels       the same loop on the fused kernels (the default backend)
++frozen teacher  ... and the teacher's parameters need no gradients (only input gradients flow to G)
++no step sync  ... and losses stay on the device (acq's trainer syncs every `log_every` steps)
++channels_last ... and every model runs channels-last
+compiled       the baseline loop with its three models torch.compile'd (default mode; the loop,
+               its hooks and optimizers stay eager, as a user would compile it)
+acq:<backend>  the full fast step: all of the above plus bf16 autocast of the forward passes
+               (acq's `--channels-last --precision bf16`), once per usable backend, so
+               acq:reference is the fast loop without the fused kernels.
+
+Each rung has its own trainer (memory format and gradient flags are per model), built from the
+same seed. Teachers have random weights: speed does not depend on them.
 """
 from __future__ import annotations
 
+import dataclasses
+
+import torch
+
 from bench.cases import Case, Config, Unavailable, Workload
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+    """How the training loop runs, apart from the kernels' backend."""
+    teacher_grads: bool = False
+    sync_each_step: bool = False
+    channels_last: bool = True
+    precision: str = "bf16"
+
+
+BASELINE_LOOP = Loop(teacher_grads=True, sync_each_step=True, channels_last=False, precision="fp32")
+FAST_LOOP = Loop()
+# (contender name, loop): each rung adds one change to the rung before it; acq:<backend> runs FAST_LOOP.
+LADDER = (
+    ("+kernels", BASELINE_LOOP),
+    ("+frozen teacher", dataclasses.replace(BASELINE_LOOP, teacher_grads=False)),
+    ("+no step sync", dataclasses.replace(BASELINE_LOOP, teacher_grads=False, sync_each_step=False)),
+    ("+channels_last", dataclasses.replace(FAST_LOOP, precision="fp32")),
+)
+LADDER_NAMES = tuple(name for name, _ in LADDER)
 
 
 def _acq():
@@ -18,41 +58,82 @@ def _acq():
     return acq
 
 
+class Trainers:
+    """One trainer per loop configuration, built (with one range-observing step) on first use,
+    which the harness does outside the timed region."""
+
+    def __init__(self, settings: dict):
+        self.settings = settings
+        self._built: dict[tuple, object] = {}
+
+    def get(self, loop: Loop, compiled: bool = False):
+        key = (loop, compiled)
+        if key not in self._built:
+            acq = _acq()
+            cfg = acq.config.make_config(**self.settings, channels_last=loop.channels_last,
+                                         precision=loop.precision)
+            torch.manual_seed(cfg.seed)
+            tr = acq.trainer.Trainer(cfg, acq.models.build_model(cfg.model, cfg.classes))
+            if loop.teacher_grads:
+                tr.teacher.requires_grad_(True)
+            tr.epoch = 0
+            tr.step()  # an observing step sets the activation ranges
+            tr.epoch = max(cfg.warmup_epochs, cfg.range_epochs)  # main phase: G and Q train
+            if compiled:
+                for m in (tr.teacher, tr.student, tr.generator):
+                    m.compile()
+                for _ in range(3):  # compile every variant (eval / batch-stat teacher, backward graphs)
+                    tr.step()
+            self._built[key] = tr
+        return self._built[key]
+
+    def step(self, loop: Loop, compiled: bool = False) -> dict:
+        losses = self.get(loop, compiled).step()
+        if loop.sync_each_step:
+            return {k: v.item() for k, v in losses.items()}
+        return losses
+
+
 def _make(model: str, dataset: str, full_batch: int, quick_batch: int, demo: bool = False):
     def make(cfg: Config) -> Workload:
         acq = _acq()
-        if cfg.dtype != __import__("torch").float32:
-            raise Unavailable("the training step runs in float32")
+        if cfg.dtype != torch.float32:
+            raise Unavailable("the step's dtypes are set by its loop (fp32 weights, bf16 autocast)")
         settings = acq.config.demo_defaults() if demo else dict(model=model, dataset=dataset)
         settings.update(batch_size=cfg.batch(full_batch, quick_batch), device=str(cfg.device), progress=False,
                         w_bits=4, a_bits=4, epochs=10**6)
         try:
             acfg = acq.config.make_config(**settings)
-            teacher = acq.models.build_model(acfg.model, acfg.classes)
+            acq.models.build_model(acfg.model, acfg.classes)
         except Exception as exc:  # e.g. torchvision missing for ResNet-18
             raise Unavailable(f"cannot build {model}: {exc}") from None
-        trainer = acq.trainer.Trainer(acfg, teacher)
-        trainer.epoch = 0
-        trainer.step()  # an observing step sets the activation ranges
-        trainer.epoch = max(acfg.warmup_epochs, acfg.range_epochs)  # main phase: G and Q train
-        return Workload(dict(trainer=trainer), [], [], f"{acfg.model} B={acfg.batch_size} W4A4 "
+        return Workload(dict(trainers=Trainers(settings)), [], [], f"{acfg.model} B={acfg.batch_size} W4A4 "
                         f"({'ACQ' if acfg.acq_terms_on else 'GDFQ'} losses)")
     return make
 
 
-def _step_reference(trainer):
+def _step_baseline(trainers):
     from bench.harness import backend_in_force
     with backend_in_force("reference"):
-        return trainer.step()
+        return trainers.step(BASELINE_LOOP)
 
 
-def _step(trainer):
-    return trainer.step()
+def _step_compiled(trainers):
+    from bench.harness import backend_in_force
+    with backend_in_force("reference"):
+        return trainers.step(BASELINE_LOOP, compiled=True)
+
+
+def _rung(loop: Loop):
+    def step(trainers):
+        return trainers.step(loop)
+    return step
 
 
 CASES = [
     Case("acq_step", f"{name}_b{b}", make=_make(model, dataset, b, qb, demo=(name == "embedded")),
-         baseline=_step_reference, acq=_step, modes=("step",), heavy=heavy, compile_ok=False)
+         baseline=_step_baseline, acq=_rung(FAST_LOOP), modes=("step",), heavy=heavy, compiled=_step_compiled,
+         ladder=tuple((rung, _rung(loop)) for rung, loop in LADDER))
     for name, model, dataset, b, qb, heavy in [
         ("embedded", "digits_net", "digits", 64, 64, False),
         ("resnet20", "resnet20", "cifar10", 200, 50, True),

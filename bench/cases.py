@@ -79,6 +79,8 @@ class Case:
     modes: tuple = MODES
     compile_ok: bool = True           # torch.compile of the baseline is meaningful here
     quick_compile: bool = False       # also compile in --quick runs (compiling costs ~15 s a case on CPU)
+    compiled: Callable | None = None  # the compiled contender when it is not torch.compile(baseline)
+    ladder: tuple = ()                # (name, fn): extra contenders on the default backend (acq_step's rungs)
 
     @property
     def id(self) -> str:

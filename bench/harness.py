@@ -22,20 +22,21 @@ from bench.cases import MODES, Case, Config, Unavailable, Workload
 
 @dataclasses.dataclass(frozen=True)
 class Impl:
-    name: str                 # baseline | native | compiled | acq:<backend> | copy
+    name: str                 # baseline | native | compiled | acq:<backend> | copy | a ladder rung
     fn: Callable | None
     backend: str | None = None
     compiled: bool = False
+    wrap: bool = True         # compiled: torch.compile(fn) (False: fn compiles what it needs itself)
 
 
 def implementations(case: Case, device: torch.device, compile: bool = True,
                     backends: tuple | None = None) -> list[Impl]:
     step = "step" in case.modes
-    impls = [Impl("baseline", case.baseline)]
+    impls = [Impl("baseline", case.baseline)] + [Impl(name, fn) for name, fn in case.ladder]
     if case.native is not None:
         impls.append(Impl("native", case.native))
     if compile and case.compile_ok:
-        impls.append(Impl("compiled", case.baseline, compiled=True))
+        impls.append(Impl("compiled", case.compiled or case.baseline, compiled=True, wrap=case.compiled is None))
     if case.acq is not None:
         names = backends or ("reference",) + tuple(
             b for b in ("cpu", "triton", "cuda") if _backend.backend_usable(b, device))
@@ -95,7 +96,7 @@ class Runner:
             return
         if impl.compiled:
             torch._dynamo.reset()  # fresh cache per case: no recompile limit, no stale graphs
-            fn = torch.compile(impl.fn, dynamic=False)
+            fn = torch.compile(impl.fn, dynamic=False) if impl.wrap else impl.fn
         else:
             fn = impl.fn
         self.fwd_fn = lambda: fn(**wl.kwargs)

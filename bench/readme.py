@@ -62,7 +62,12 @@ def section(results_dir: str, readme_dir: str) -> str:
         png = os.path.splitext(path)[0] + ".png"
         if os.path.exists(png):
             lines += [f"![{os.path.basename(png)}]({os.path.relpath(png, readme_dir)})", ""]
-        lines += [tables.markdown_table(d), "", "Targets of the issue (information; not faked):", "",
+        lines += [tables.markdown_table(d), ""]
+        ladder = tables.markdown_ladder(d)
+        if ladder:
+            lines += ["The ACQ step, one change at a time (each column adds one change to the column before it; "
+                      "speedup over the eager baseline; what each rung means: bench/acq_step.py):", "", ladder, ""]
+        lines += ["Targets of the issue (information; not faked):", "",
                   tables.markdown_targets(d), ""]
     lines.append(END)
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Text (terminal) and Markdown (README) renderings of a result file's ratios."""
 from __future__ import annotations
 
+from bench.acq_step import LADDER_NAMES
 from bench.summary import ratios, targets
 
 IMPL_ORDER = ("native", "compiled", "acq:reference", "acq:cpu", "acq:triton", "acq:cuda", "copy")
@@ -49,23 +50,46 @@ def _rows(result):
     return head, body
 
 
-def text_table(result) -> str:
-    head, body = _rows(result)
+def _ladder_rows(result):
+    """The ACQ step's ladder: each rung's speedup over the eager baseline (bench/acq_step.py)."""
+    steps = [e for e in ratios(result["results"]) if e["family"] == "acq_step" and e["baseline_ms"]]
+    head = (["case", "baseline ms"] + list(LADDER_NAMES)
+            + ["+bf16 autocast = full step (fused)", "full step on reference kernels"])
+    body = [[e["case"], f"{e['baseline_ms']:.1f}"] + [_cell(e, n) for n in LADDER_NAMES]
+            + [_cell(e, e["fused"]) if e.get("fused") else "-", _cell(e, "acq:reference")] for e in steps]
+    return head, body
+
+
+def _text(head, body) -> list[str]:
     widths = [max(len(str(r[i])) for r in [head] + body) for i in range(len(head))]
     fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
-    lines = ["speedup = baseline median / contender median (higher is better); ± = relative IQR spread",
-             fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in body]
-    lines.append("")
+    return [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in body]
+
+
+def _markdown(head, body) -> list[str]:
+    return (["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            + ["| " + " | ".join(str(c) for c in r) + " |" for r in body])
+
+
+def text_table(result) -> str:
+    lines = ["speedup = baseline median / contender median (higher is better); ± = relative IQR spread"]
+    lines += _text(*_rows(result)) + [""]
+    ladder = _ladder_rows(result)
+    if ladder[1]:
+        lines += ["ACQ step, one change at a time (cumulative, vs the eager baseline):"] + _text(*ladder) + [""]
     lines += [f"[{'met' if ok else 'NOT met' if ok is False else '  ?  '}] {t}: {m}"
               for t, m, ok in targets(result["results"], result.get("d2d_copy_GBps"))]
     return "\n".join(lines)
 
 
 def markdown_table(result) -> str:
-    head, body = _rows(result)
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in body]
-    return "\n".join(out)
+    return "\n".join(_markdown(*_rows(result)))
+
+
+def markdown_ladder(result) -> str:
+    """'' when the result has no ACQ step measured."""
+    head, body = _ladder_rows(result)
+    return "\n".join(_markdown(head, body)) if body else ""
 
 
 def markdown_targets(result) -> str:
