@@ -86,7 +86,12 @@ def test_bf16_autocast_loop_tracks_fp32_and_keeps_fp32_state():
     assert all(s["exp_avg"].dtype == torch.float32 for s in t.opt_g.state.values())
 
 
-def test_precision_is_validated():
+def test_loop_speed_switches_are_validated():
     from acq.errors import AcqError
     with pytest.raises(AcqError, match="precision"):
         make_config(precision="fp16")
+    with pytest.raises(AcqError, match="cuda_graphs needs a CUDA device"):
+        make_config(cuda_graphs=True, device="cpu")
+    if torch.cuda.is_available():
+        with pytest.raises(AcqError, match="skip_nonfinite"):
+            make_config(cuda_graphs=True, device="cuda", skip_nonfinite=True)

@@ -64,6 +64,7 @@ class Config:
     backend: str = "auto"
     channels_last: bool = False
     precision: str = "fp32"             # "bf16": forward passes under bf16 autocast (weights, grads, optimizers fp32)
+    cuda_graphs: bool = False           # replay the main-phase step as one CUDA graph (CUDA, single process)
     work_dir: str = "runs/acq"
     keep_checkpoints: int = 3
     log_every: int = 10
@@ -75,7 +76,8 @@ class Config:
 
     # fields that may differ between a checkpoint and the run resuming it
     RESUMABLE_CHANGES = ("epochs", "device", "backend", "work_dir", "keep_checkpoints", "log_every", "progress",
-                         "data_dir", "channels_last", "precision", "bns_stats", "skip_nonfinite")
+                         "data_dir", "channels_last", "precision", "cuda_graphs", "bns_stats",
+                         "skip_nonfinite")
 
     @property
     def classes(self) -> int:
@@ -138,6 +140,11 @@ class Config:
             import torch
             if not torch.cuda.is_available():
                 raise AcqError(f"device {self.device!r} requested but CUDA is not available")
+        if self.cuda_graphs and not self.device.startswith("cuda"):
+            raise AcqError(f"cuda_graphs needs a CUDA device, got device={self.device!r}")
+        if self.cuda_graphs and self.skip_nonfinite:
+            raise AcqError("cuda_graphs and skip_nonfinite cannot be combined: skipping a step needs a "
+                           "host sync inside it, which a captured graph cannot do")
         if self.teacher_weights is not None and not os.path.isfile(self.teacher_weights):
             raise AcqError(f"teacher weights file not found: {self.teacher_weights}")
         if self.data_dir is not None and not os.path.isdir(self.data_dir):

@@ -187,6 +187,9 @@ class DistributedTrainer(Trainer):
             raise AcqError("DistributedTrainer needs an initialised process group (launch with torchrun)")
         self.group = group
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+        if cfg.cuda_graphs:
+            raise AcqError("cuda_graphs is single-process only (DDP's all-reduces are not captured); "
+                           "drop --cuda-graphs under torchrun")
         if self.rank != 0:
             cfg = dataclasses.replace(cfg, progress=False)
         super().__init__(cfg, teacher, eval_data=eval_data, out_dir=out_dir)  # same init on every rank

@@ -23,6 +23,7 @@ from .quant import quantize_model, set_observing
 
 LOSS_KEYS_G = ("g_ce", "g_bns", "g_acm", "g_pair", "g_cons", "g_total")
 LOSS_KEYS_Q = ("q_kd", "q_ce", "q_at", "q_total")
+GRAPH_WARMUP_STEPS = 3  # eager main-phase steps before a CUDA graph is captured
 
 
 def seed_everything(seed: int) -> None:
@@ -50,7 +51,9 @@ class Trainer:
         channels, size = INPUT_SHAPE[cfg.model]
         self.generator = build_generator(cfg.classes, size, channels, cfg.latent_dim, cfg.gen_width,
                                          use_center=cfg.lambda_acm > 0).to(self.device).train()
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=(0.5, 0.999))
+        # capturable: Adam keeps its step counts on the device, so a CUDA graph can replay its update
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=(0.5, 0.999),
+                                      capturable=cfg.cuda_graphs)
         self.opt_q = torch.optim.SGD(self.student.parameters(), lr=cfg.lr_q, momentum=0.9, nesterov=True,
                                      weight_decay=cfg.weight_decay)
         self.sched_q = torch.optim.lr_scheduler.MultiStepLR(self.opt_q, milestones=list(cfg.q_milestones),
@@ -66,12 +69,22 @@ class Trainer:
         self.g_forward = self.generator   # what the step calls; the raw modules own the state dicts
         self.q_forward = self.student
         self.skipped_steps = 0            # non-finite steps skipped (cfg.skip_nonfinite)
-        self._first_bad: dict[str, torch.Tensor] = {}  # per loss: first non-finite iteration, on device
+        # On the device, updated in place (a CUDA graph replays the updates): iterations done, and per
+        # loss the first iteration whose value was non-finite since the last check (-1: none).
+        self._iter_t = torch.zeros((), dtype=torch.long, device=self.device)
+        self._first_bad = {k: torch.full((), -1, dtype=torch.long, device=self.device)
+                           for k in ("g_total", "q_total")}
         self.last_checkpoint: str | None = None
+        self._graph = None                # cfg.cuda_graphs: see _graphed_step
+        self._graph_lrs: tuple = ()
+        self._graph_losses: dict = {}
+        self._graph_warmup_left = GRAPH_WARMUP_STEPS
 
     def autocast(self):
         """The forward passes' precision context (backward and optimizer steps run outside it)."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+        # no autocast cache under CUDA graphs: cached casts would be pool memory of the capture
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16",
+                              cache_enabled=not self.cfg.cuda_graphs)
 
     # ------------------------------------------------------------------ sampling
     def sample(self):
@@ -154,9 +167,16 @@ class Trainer:
         return losses
 
     def step(self) -> dict:
-        """One iteration at the current epoch's phase; returns the losses as (unsynchronised) tensors."""
+        """One iteration at the current epoch's phase; returns the losses as (unsynchronised) tensors.
+        With cfg.cuda_graphs the main phase replays a captured graph and the returned tensors are
+        overwritten by the next step (read or accumulate them before calling step again)."""
         observing = self.epoch < self.cfg.range_epochs
         set_observing(self.student, observing)
+        if self.cfg.cuda_graphs and not observing and self.epoch >= self.cfg.warmup_epochs:
+            return self._graphed_step()
+        return self._eager_step(observing)
+
+    def _eager_step(self, observing: bool) -> dict:
         x, y, t_logits, t_feats, losses = self.generator_step()
         if self.epoch >= self.cfg.warmup_epochs:
             losses.update(self.student_step(x, y, t_logits, t_feats))
@@ -165,8 +185,42 @@ class Trainer:
                 self.q_forward(x)
         if observing:
             self._after_observe()
+        self._iter_t.add_(1)
         self.iteration += 1
         return losses
+
+    def _graphed_step(self) -> dict:
+        """The main-phase step (G and Q train, ranges frozen) as one CUDA graph: after a few eager
+        warm-up steps on a side stream (workspaces, optimizer state), the whole step — sampling,
+        every forward, both backwards, both optimizer updates — is captured once and replayed, so
+        the CPU launches one graph per step. Learning rates are baked into the captured kernels:
+        an LR milestone re-captures."""
+        lrs = tuple(g["lr"] for opt in (self.opt_g, self.opt_q) for g in opt.param_groups)
+        if self._graph is not None and lrs != self._graph_lrs:
+            self._graph = None
+        if self._graph is None:
+            if self._graph_warmup_left > 0:
+                self._graph_warmup_left -= 1
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    losses = self._eager_step(False)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                return losses
+            self._capture(lrs)
+        self._graph.replay()
+        self.iteration += 1
+        return self._graph_losses
+
+    def _capture(self, lrs: tuple) -> None:
+        self.opt_g.zero_grad(set_to_none=True)  # gradients are then allocated in the graph's pool
+        self.opt_q.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records only: the first replay runs this step
+            x, y, t_logits, t_feats, losses = self.generator_step()
+            losses.update(self.student_step(x, y, t_logits, t_feats))
+            self._iter_t.add_(1)
+        self._graph, self._graph_lrs, self._graph_losses = graph, lrs, losses
 
     # ------------------------------------------------------------------ loop
     def _log(self, record: dict) -> None:
@@ -262,19 +316,19 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)
                 return
         else:
-            prev = self._first_bad.get(name, torch.full((), -1, dtype=torch.long, device=total.device))
+            prev = self._first_bad[name]
             bad = (prev < 0) & ~torch.isfinite(total.detach())
-            self._first_bad[name] = torch.where(bad, self.iteration + 1, prev)
+            prev.copy_(torch.where(bad, self._iter_t + 1, prev))
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
 
     def _check_nonfinite(self) -> None:
         """Raise for the first non-finite loss noted since the last check (host sync)."""
-        if not self._first_bad:
-            return
-        found = [(int(v), k) for k, v in self._first_bad.items() if int(v) >= 0]
-        self._first_bad = {}
+        firsts = torch.stack(list(self._first_bad.values())).tolist()
+        found = [(v, k) for v, k in zip(firsts, self._first_bad) if v >= 0]
+        for v in self._first_bad.values():
+            v.fill_(-1)
         if found:
             it, name = min(found)
             raise self._nonfinite_error(name, self.epoch, it)
@@ -308,6 +362,8 @@ class Trainer:
         self.opt_q.load_state_dict(state["opt_q"])
         self.sched_q.load_state_dict(state["sched_q"])
         self.epoch, self.iteration = state["epoch"], state["iteration"]
+        self._iter_t.fill_(self.iteration)
+        self._graph = None  # captured against the state before loading
         self.history, self.best = state["history"], state["best"]
         self.skipped_steps = state.get("skipped_steps", 0)
         self.last_checkpoint = file
