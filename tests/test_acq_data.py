@@ -47,3 +47,17 @@ def test_table_formatting_uses_measured_values():
            "seconds_total": 1.0}
     table = format_table(res)
     assert "| W3A3 | 99.50 | 80.25 | 97.00 | 98.00 |" in table
+
+
+def test_digits_teacher_depends_on_its_seed_only(tmp_path):
+    """The cached teacher of a seed is the same whatever the caller did with the global RNG before."""
+    from acq.teacher import digits_teacher
+    states = []
+    for i, noise in enumerate((0, 7)):
+        torch.manual_seed(1000 + noise)
+        torch.rand(noise)  # the caller's own use of the global RNG
+        model, _, trained = digits_teacher(str(tmp_path / f"t{i}.pt"), seed=3, epochs=1, progress=False)
+        assert trained
+        states.append(model.state_dict())
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k

@@ -43,6 +43,7 @@ class _ShuffledDigits:
 def digits_teacher(cache_path: str, seed: int = 0, epochs: int = 30, progress: bool = True):
     """(teacher, fp_accuracy, trained_now): the digits teacher, trained once and cached at `cache_path`."""
     xtr, ytr, xte, yte = load_digits_split(seed)
+    torch.manual_seed(seed)  # before the model is built: its initial weights are part of the seed's teacher
     model = build_model("digits_net", 10)
     trained = False
     if os.path.isfile(cache_path):
@@ -52,7 +53,6 @@ def digits_teacher(cache_path: str, seed: int = 0, epochs: int = 30, progress: b
             model = build_model("digits_net", 10)
         else:
             return model.eval(), evaluate(model, tensor_batches(xte, yte, 512)), trained
-    torch.manual_seed(seed)
     batches = -(-len(ytr) // 64)
     train_teacher(model, _ShuffledDigits(xtr, ytr, 64, seed), epochs, lr=0.1, progress=progress,
                   per_epoch_batches=batches)
