@@ -11,9 +11,11 @@ baseline       the eager pure-PyTorch loop as the published code writes it: acq_
 +channels_last ... and every model runs channels-last
 compiled       the baseline loop with its three models torch.compile'd (default mode; the loop,
                its hooks and optimizers stay eager, as a user would compile it)
-acq:<backend>  the full fast step: all of the above plus bf16 autocast of the forward passes
-               (acq's `--channels-last --precision bf16`), once per usable backend, so
-               acq:reference is the fast loop without the fused kernels.
++bf16 autocast ... and the forward passes run under bf16 autocast
+acq:<backend>  the full fast step: all of the above plus, on CUDA, the main-phase step replayed
+               as one CUDA graph (acq's `--channels-last --precision bf16 --cuda-graphs`), once
+               per usable backend, so acq:reference is the fast loop without the fused kernels.
+               On a CPU there are no graphs: the full step is the +bf16 autocast rung.
 
 Each rung has its own trainer (memory format and gradient flags are per model), built from the
 same seed. Teachers have random weights: speed does not depend on them.
@@ -34,16 +36,19 @@ class Loop:
     sync_each_step: bool = False
     channels_last: bool = True
     precision: str = "bf16"
+    cuda_graphs: bool = True          # where the device is CUDA
 
 
-BASELINE_LOOP = Loop(teacher_grads=True, sync_each_step=True, channels_last=False, precision="fp32")
+BASELINE_LOOP = Loop(teacher_grads=True, sync_each_step=True, channels_last=False, precision="fp32",
+                     cuda_graphs=False)
 FAST_LOOP = Loop()
 # (contender name, loop): each rung adds one change to the rung before it; acq:<backend> runs FAST_LOOP.
 LADDER = (
     ("+kernels", BASELINE_LOOP),
     ("+frozen teacher", dataclasses.replace(BASELINE_LOOP, teacher_grads=False)),
     ("+no step sync", dataclasses.replace(BASELINE_LOOP, teacher_grads=False, sync_each_step=False)),
-    ("+channels_last", dataclasses.replace(FAST_LOOP, precision="fp32")),
+    ("+channels_last", dataclasses.replace(FAST_LOOP, precision="fp32", cuda_graphs=False)),
+    ("+bf16 autocast", dataclasses.replace(FAST_LOOP, cuda_graphs=False)),
 )
 LADDER_NAMES = tuple(name for name, _ in LADDER)
 
@@ -70,8 +75,9 @@ class Trainers:
         key = (loop, compiled)
         if key not in self._built:
             acq = _acq()
+            graphs = loop.cuda_graphs and self.settings["device"].startswith("cuda")
             cfg = acq.config.make_config(**self.settings, channels_last=loop.channels_last,
-                                         precision=loop.precision)
+                                         precision=loop.precision, cuda_graphs=graphs)
             torch.manual_seed(cfg.seed)
             tr = acq.trainer.Trainer(cfg, acq.models.build_model(cfg.model, cfg.classes))
             if loop.teacher_grads:
@@ -82,8 +88,11 @@ class Trainers:
             if compiled:
                 for m in (tr.teacher, tr.student, tr.generator):
                     m.compile()
-                for _ in range(3):  # compile every variant (eval / batch-stat teacher, backward graphs)
-                    tr.step()
+            # untimed main-phase steps: compile every variant (eval / batch-stat teacher, backward
+            # graphs), or run the CUDA graph's eager warm-up and capture
+            warm = 3 if compiled else acq.trainer.GRAPH_WARMUP_STEPS + 1 if graphs else 0
+            for _ in range(warm):
+                tr.step()
             self._built[key] = tr
         return self._built[key]
 

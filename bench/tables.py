@@ -54,7 +54,7 @@ def _ladder_rows(result):
     """The ACQ step's ladder: each rung's speedup over the eager baseline (bench/acq_step.py)."""
     steps = [e for e in ratios(result["results"]) if e["family"] == "acq_step" and e["baseline_ms"]]
     head = (["case", "baseline ms"] + list(LADDER_NAMES)
-            + ["+bf16 autocast = full step (fused)", "full step on reference kernels"])
+            + ["full step (fused; + CUDA graphs on GPUs)", "full step on reference kernels"])
     body = [[e["case"], f"{e['baseline_ms']:.1f}"] + [_cell(e, n) for n in LADDER_NAMES]
             + [_cell(e, e["fused"]) if e.get("fused") else "-", _cell(e, "acq:reference")] for e in steps]
     return head, body
