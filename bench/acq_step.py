@@ -1,10 +1,10 @@
 """The whole ACQ training iteration (generator step + student step, W4A4, ranges frozen: the
 main phase of the schedule) as benchmark cases, with a ladder that measures each speed-up alone.
 
-baseline       the eager pure-PyTorch loop as the published code writes it: acq_kernels'
-               reference backend, the teacher's weight gradients computed (and thrown away: it
-               is only put in eval mode), every loss read on the host each step for logging,
-               NCHW, fp32.
+baseline       the eager pure-PyTorch loop as GDFQ-family research code writes it (e.g. the
+               GDFQ-derived KMDFQ trainer: the teacher is only put in eval mode, so its weight
+               gradients are computed and thrown away; losses and accuracies are read on the
+               host every iteration): acq_kernels' reference backend, NCHW, fp32.
 +kernels       the same loop on the fused kernels (the default backend)
 +frozen teacher  ... and the teacher's parameters need no gradients (only input gradients flow to G)
 +no step sync  ... and losses stay on the device (acq's trainer syncs every `log_every` steps)
