@@ -6,16 +6,16 @@ baseline       the eager pure-PyTorch loop as GDFQ-family research code writes i
                gradients are computed and thrown away; losses and accuracies are read on the
                host every iteration): acq_kernels' reference backend, NCHW, fp32.
 +kernels       the same loop on the fused kernels (the default backend)
-+frozen teacher  ... and the teacher's parameters need no gradients (only input gradients flow to G)
-+no step sync  ... and losses stay on the device (acq's trainer syncs every `log_every` steps)
++frozen_teacher  ... and the teacher's parameters need no gradients (only input gradients flow to G)
++no_step_sync  ... and losses stay on the device (acq's trainer syncs every `log_every` steps)
 +channels_last ... and every model runs channels-last
-compiled       the baseline loop with its three models torch.compile'd (default mode; the loop,
-               its hooks and optimizers stay eager, as a user would compile it)
-+bf16 autocast ... and the forward passes run under bf16 autocast
++bf16_autocast ... and the forward passes run under bf16 autocast
 acq:<backend>  the full fast step: all of the above plus, on CUDA, the main-phase step replayed
                as one CUDA graph (acq's `--channels-last --precision bf16 --cuda-graphs`), once
                per usable backend, so acq:reference is the fast loop without the fused kernels.
-               On a CPU there are no graphs: the full step is the +bf16 autocast rung.
+               On a CPU there are no graphs: the full step is the +bf16_autocast rung.
+compiled       the baseline loop with its three models torch.compile'd (default mode; the loop,
+               its hooks and optimizers stay eager, as a user would compile it)
 
 Each rung has its own trainer (memory format and gradient flags are per model), built from the
 same seed. Teachers have random weights: speed does not depend on them.
@@ -45,10 +45,10 @@ FAST_LOOP = Loop()
 # (contender name, loop): each rung adds one change to the rung before it; acq:<backend> runs FAST_LOOP.
 LADDER = (
     ("+kernels", BASELINE_LOOP),
-    ("+frozen teacher", dataclasses.replace(BASELINE_LOOP, teacher_grads=False)),
-    ("+no step sync", dataclasses.replace(BASELINE_LOOP, teacher_grads=False, sync_each_step=False)),
+    ("+frozen_teacher", dataclasses.replace(BASELINE_LOOP, teacher_grads=False)),
+    ("+no_step_sync", dataclasses.replace(BASELINE_LOOP, teacher_grads=False, sync_each_step=False)),
     ("+channels_last", dataclasses.replace(FAST_LOOP, precision="fp32", cuda_graphs=False)),
-    ("+bf16 autocast", dataclasses.replace(FAST_LOOP, cuda_graphs=False)),
+    ("+bf16_autocast", dataclasses.replace(FAST_LOOP, cuda_graphs=False)),
 )
 LADDER_NAMES = tuple(name for name, _ in LADDER)
 

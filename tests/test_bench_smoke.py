@@ -111,6 +111,6 @@ def test_acq_step_ladder_and_compiled_contender(tmp_path):
     text = tables.text_table(result)
     assert "one change at a time" in text and "+channels_last" in text and "embedded_b64" in text
     ladder = tables.markdown_ladder(result)
-    assert ladder.count("\n") == 2 and "+frozen teacher" in ladder
+    assert ladder.count("\n") == 2 and "+frozen_teacher" in ladder
     (tmp_path / "r.json").write_text(__import__("json").dumps(result))
     assert "one change at a time" in readme.section(str(tmp_path), str(tmp_path))
