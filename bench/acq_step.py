@@ -142,6 +142,8 @@ def _rung(loop: Loop):
 CASES = [
     Case("acq_step", f"{name}_b{b}", make=_make(model, dataset, b, qb, demo=(name == "embedded")),
          baseline=_step_baseline, acq=_rung(FAST_LOOP), modes=("step",), heavy=heavy, compiled=_step_compiled,
+         # the compile pass starts with the quick_compile cases: the step-vs-compile target first
+         quick_compile=(name == "resnet18" and b == 32),
          ladder=tuple((rung, _rung(loop)) for rung, loop in LADDER))
     for name, model, dataset, b, qb, heavy in [
         ("embedded", "digits_net", "digits", 64, 64, False),
