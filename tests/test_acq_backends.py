@@ -95,3 +95,38 @@ def test_loop_speed_switches_are_validated():
     if torch.cuda.is_available():
         with pytest.raises(AcqError, match="skip_nonfinite"):
             make_config(cuda_graphs=True, device="cuda", skip_nonfinite=True)
+
+
+def test_step_reads_nothing_back_to_the_host(monkeypatch):
+    """No host sync inside a training step (observing and main phase): no op that reads a tensor's
+    value back (item/bool/float, nonzero, masked_select) runs, apart from torch.optim's host-side
+    step counters. The CPU-only value checks of acq_kernels' arguments are switched off, as they
+    are for CUDA tensors."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    import traceback
+    from acq_kernels import _validation
+    from acq.config import demo_defaults
+
+    reads = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+             torch.ops.aten.masked_select.default}
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.found = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in reads:
+                stack = "".join(traceback.format_stack()[:-1])
+                if "torch/optim/" not in stack.replace("\\", "/"):
+                    self.found.append(f"{func}\n{stack}")
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(_validation, "_can_read_values", lambda t: False)
+    cfg = make_config(**demo_defaults(batch_size=8, progress=False, gen_width=16, latent_dim=16, lambda_at=0.5))
+    t = Trainer(cfg, digits_net())
+    for epoch in (0, cfg.range_epochs):  # observing ranges; then G and Q train on frozen ranges
+        t.epoch = epoch
+        with HostReads() as probe:
+            t.step()
+        assert not probe.found, probe.found[0]
