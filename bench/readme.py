@@ -49,7 +49,8 @@ def section(results_dir: str, readme_dir: str) -> str:
         m = d["machine"]
         where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores"
         partial = ", interrupted by its time limit: partial" if d.get("interrupted") else ""
-        lines += [f"### {where} — {d['date']} ({d['size']} run{partial})", "",
+        tag = f", {d['tag']}" if d.get("tag") else ""
+        lines += [f"### {where} — {d['date']} ({d['size']} run{tag}{partial})", "",
                   f"torch {m['torch']} (CUDA {m.get('torch_cuda') or 'none'}), Triton {m.get('triton') or 'none'}, "
                   f"Python {m['python']}, commit {d.get('git_commit') or 'unknown'}, "
                   f"torch.compile {'included' if d.get('compile') else 'skipped'}, run took {d.get('wall_s')} s"

@@ -123,6 +123,8 @@ def parse_args(argv=None):
                    help="fake_quant attention bn_stats acq_step (default: all)")
     p.add_argument("--cases", default=None, help="regex on case names")
     p.add_argument("--out", default=RESULTS_DIR, help="folder for the JSON and PNG")
+    p.add_argument("--tag", default=None,
+                   help="appended to the file name (e.g. a partial run: --cases resnet20 --tag resnet20)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtypes", default=None,
                    help="comma list (default: float32 on CPU, float32,bfloat16 on CUDA)")
@@ -174,7 +176,7 @@ def run(args, on_progress=None) -> dict:
     info = machine_info(device)
     start = _dt.datetime.now(_dt.timezone.utc)
     rows: list[dict] = []
-    result = {"schema": 1, "machine": info, "device": device.type, "size": size,
+    result = {"schema": 1, "machine": info, "device": device.type, "size": size, "tag": args.tag,
               "date": start.isoformat(timespec="seconds"), "git_commit": _git_commit(),
               "compile": args.compile, "rounds": rounds, "block_s": block_s, "case_budget_s": case_budget,
               "load_average_before": _loadavg(), "d2d_copy_GBps": None,
@@ -242,7 +244,8 @@ def run(args, on_progress=None) -> dict:
 
 def write(result: dict, out_dir: str, chart: bool = True) -> tuple[str, str | None]:
     os.makedirs(out_dir, exist_ok=True)
-    stem = f"{machine_slug(result['machine'])}-{result['date'][:10]}" + ("-quick" if result["size"] == "quick" else "")
+    stem = (f"{machine_slug(result['machine'])}-{result['date'][:10]}" + ("-quick" if result["size"] == "quick" else "")
+            + (f"-{slug(result['tag'])}" if result.get("tag") else ""))
     path = os.path.join(out_dir, stem + ".json")
     with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=1, default=str)
