@@ -15,6 +15,7 @@ from . import checkpoint as ckpt
 from . import ops
 from .config import Config
 from .data import evaluate
+from .errors import AcqError
 from .generator import build_generator
 from .losses import (FeatureTap, acm_loss, attention_of, batch_stat_bn, kd_loss, pair_loss,
                      stacked_sq_distance)
@@ -216,10 +217,14 @@ class Trainer:
         self.opt_g.zero_grad(set_to_none=True)  # gradients are then allocated in the graph's pool
         self.opt_q.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # records only: the first replay runs this step
-            x, y, t_logits, t_feats, losses = self.generator_step()
-            losses.update(self.student_step(x, y, t_logits, t_feats))
-            self._iter_t.add_(1)
+        try:
+            with torch.cuda.graph(graph):  # records only: the first replay runs this step
+                x, y, t_logits, t_feats, losses = self.generator_step()
+                losses.update(self.student_step(x, y, t_logits, t_feats))
+                self._iter_t.add_(1)
+        except RuntimeError as exc:
+            raise AcqError(f"capturing the training step as a CUDA graph failed ({exc}); "
+                           "run without --cuda-graphs") from exc
         self._graph, self._graph_lrs, self._graph_losses = graph, lrs, losses
 
     # ------------------------------------------------------------------ loop
@@ -300,7 +305,6 @@ class Trainer:
     immediate_finite_check = False
 
     def _nonfinite_error(self, name: str, epoch: int, iteration: int):
-        from .errors import AcqError
         return AcqError(f"non-finite {name} at epoch {epoch + 1}, iteration {iteration}; "
                         f"last good checkpoint: {self.last_checkpoint or 'none (nothing saved yet)'}")
 
