@@ -28,6 +28,15 @@ BLOCK_R = 32      # rows per inner step of a tile
 # Under TRITON_INTERPRET every program and step costs Python time: fewer, bigger blocks.
 BLOCK_R_INTERPRET = 256
 BLOCK_I_INTERPRET = 256
+
+
+@triton.jit
+def _chan_merge(cnt, mean, m2, nb, bmean, bm2):
+    """Chan et al.'s parallel merge of a running (count, mean, M2) with a block's (nb, bmean, bM2)."""
+    tot = cnt + nb
+    w = nb / tl.maximum(tot, 1.0)
+    delta = bmean - mean
+    return tot, mean + delta * w, m2 + bm2 + delta * delta * cnt * w
 BLOCK_I = 64      # lanes (contiguous elements) of a tile
 BLOCK_C = 128     # channels per combine program
 
@@ -74,13 +83,7 @@ def bn_partial_kernel(x_ptr, layer_off_ptr, tiles_ptr, part_ptr, n_slots, shift_
             nb = tl.where(lmask, tl.minimum(n_rows - r0, BLOCK_R), 0).to(tl.float32)
             bmean = tl.sum(x, axis=0) / tl.maximum(nb, 1.0)
             dev = tl.where(m, x - bmean[None, :], 0.0)
-            bm2 = tl.sum(dev * dev, axis=0)
-            tot = cnt + nb
-            w = nb / tl.maximum(tot, 1.0)
-            delta = bmean - mean
-            mean = mean + delta * w
-            m2 = m2 + bm2 + delta * delta * cnt * w
-            cnt = tot
+            cnt, mean, m2 = _chan_merge(cnt, mean, m2, nb, bmean, tl.sum(dev * dev, axis=0))
         tl.store(part_ptr + slot + lanes, cnt, mask=lmask)
         tl.store(part_ptr + n_slots + slot + lanes, mean, mask=lmask)
         tl.store(part_ptr + 2 * n_slots + slot + lanes, m2, mask=lmask)
@@ -105,13 +108,7 @@ def bn_partial_kernel(x_ptr, layer_off_ptr, tiles_ptr, part_ptr, n_slots, shift_
                 nb = tl.where(rmask, tl.minimum(n_cols - c0, BLOCK_I), 0).to(tl.float32)
                 bmean = tl.sum(x, axis=1) / tl.maximum(nb, 1.0)
                 dev = tl.where(m, x - bmean[:, None], 0.0)
-                bm2 = tl.sum(dev * dev, axis=1)
-                tot = cnt + nb
-                w = nb / tl.maximum(tot, 1.0)
-                delta = bmean - mean
-                mean = mean + delta * w
-                m2 = m2 + bm2 + delta * delta * cnt * w
-                cnt = tot
+                cnt, mean, m2 = _chan_merge(cnt, mean, m2, nb, bmean, tl.sum(dev * dev, axis=1))
             tl.store(part_ptr + slot + rr, cnt, mask=rmask)
             tl.store(part_ptr + n_slots + slot + rr, mean, mask=rmask)
             tl.store(part_ptr + 2 * n_slots + slot + rr, m2, mask=rmask)
@@ -139,12 +136,7 @@ def bn_combine_kernel(part_ptr, n_slots, shift_ptr, combine_ptr, out_ptr, total_
         nb = tl.load(part_ptr + s, mask=cm, other=0.0)
         mb = tl.load(part_ptr + n_slots + s, mask=cm, other=0.0)
         qb = tl.load(part_ptr + 2 * n_slots + s, mask=cm, other=0.0)
-        tot = cnt + nb
-        w = nb / tl.maximum(tot, 1.0)
-        delta = mb - mean
-        mean = mean + delta * w
-        m2 = m2 + qb + delta * delta * cnt * w
-        cnt = tot
+        cnt, mean, m2 = _chan_merge(cnt, mean, m2, nb, mb, qb)
     var = m2 / tl.maximum(cnt, 1.0)
     k = tl.load(shift_ptr + cbase + ch, mask=cm, other=0.0)
     tl.store(out_ptr + cbase + ch, mean + k, mask=cm)
