@@ -30,31 +30,43 @@ def _pow_abs(x, p, P_IS_TWO: tl.constexpr):
 
 
 @triton.jit
-def _finalize_block(a, s, smask, W, H, n, amap_ptr, anorm_ptr, center_ptr, stats_ptr):
-    """All outputs of one sample whose whole fp32 map `a` (masked to 0) is in this block."""
-    w = s % W
-    h = s // W
-    u = (2 * w + 1).to(tl.float32) / W - 1.0
-    v = (2 * h + 1).to(tl.float32) / H - 1.0
-    sq = tl.sum(a * a, axis=0)
-    tot = tl.sum(a, axis=0)
-    sx = tl.sum(a * u, axis=0)
-    sy = tl.sum(a * v, axis=0)
+def _norm_and_center(sq, tot, sx, sy):
+    """||A||, 1/max(||A||, eps), and the center (sum A u / sum A, sum A v / sum A; 0 for A = 0)
+    of one sample's map from its sums."""
     norm = tl.sqrt(sq)
     inv = 1.0 / tl.where(norm < EPS, EPS, norm)  # not tl.maximum: it drops NaN
     zero = tot == 0.0
     cx = tl.where(zero, 0.0, sx / tl.where(zero, 1.0, tot))
     cy = tl.where(zero, 0.0, sy / tl.where(zero, 1.0, tot))
-    HW = H * W
-    dt = amap_ptr.dtype.element_ty
-    tl.store(amap_ptr + n * HW + s, a.to(dt), mask=smask)
-    tl.store(anorm_ptr + n * HW + s, (a * inv).to(dt), mask=smask)
+    return norm, inv, cx, cy
+
+
+@triton.jit
+def _store_center_and_stats(center_ptr, stats_ptr, n, norm, tot, cx, cy):
+    """center[n] in the output dtype; stats[n] = (||A||, sum A, cx, cy) in fp32 for the backward."""
+    dt = center_ptr.dtype.element_ty
     tl.store(center_ptr + n * 2, cx.to(dt))
     tl.store(center_ptr + n * 2 + 1, cy.to(dt))
     tl.store(stats_ptr + n * 4, norm)
     tl.store(stats_ptr + n * 4 + 1, tot)
     tl.store(stats_ptr + n * 4 + 2, cx)
     tl.store(stats_ptr + n * 4 + 3, cy)
+
+
+@triton.jit
+def _finalize_block(a, s, smask, W, H, n, amap_ptr, anorm_ptr, center_ptr, stats_ptr):
+    """All outputs of one sample whose whole fp32 map `a` (masked to 0) is in this block."""
+    w = s % W
+    h = s // W
+    u = (2 * w + 1).to(tl.float32) / W - 1.0
+    v = (2 * h + 1).to(tl.float32) / H - 1.0
+    tot = tl.sum(a, axis=0)
+    norm, inv, cx, cy = _norm_and_center(tl.sum(a * a, axis=0), tot, tl.sum(a * u, axis=0), tl.sum(a * v, axis=0))
+    HW = H * W
+    dt = amap_ptr.dtype.element_ty
+    tl.store(amap_ptr + n * HW + s, a.to(dt), mask=smask)
+    tl.store(anorm_ptr + n * HW + s, (a * inv).to(dt), mask=smask)
+    _store_center_and_stats(center_ptr, stats_ptr, n, norm, tot, cx, cy)
 
 
 @triton.jit
@@ -106,13 +118,8 @@ def _attn_finalize_kernel(a32_ptr, amap_ptr, anorm_ptr, center_ptr, stats_ptr, H
         tot += a
         sx += a * ((2 * w + 1).to(tl.float32) / W - 1.0)
         sy += a * ((2 * h + 1).to(tl.float32) / H - 1.0)
-    sq_t = tl.sum(sq, axis=0)
     tot_t = tl.sum(tot, axis=0)
-    norm = tl.sqrt(sq_t)
-    inv = 1.0 / tl.where(norm < EPS, EPS, norm)  # not tl.maximum: it drops NaN
-    zero = tot_t == 0.0
-    cx = tl.where(zero, 0.0, tl.sum(sx, axis=0) / tl.where(zero, 1.0, tot_t))
-    cy = tl.where(zero, 0.0, tl.sum(sy, axis=0) / tl.where(zero, 1.0, tot_t))
+    norm, inv, cx, cy = _norm_and_center(tl.sum(sq, axis=0), tot_t, tl.sum(sx, axis=0), tl.sum(sy, axis=0))
     dt = amap_ptr.dtype.element_ty
     for s0 in range(0, HW, BLOCK):
         s = s0 + tl.arange(0, BLOCK)
@@ -120,12 +127,7 @@ def _attn_finalize_kernel(a32_ptr, amap_ptr, anorm_ptr, center_ptr, stats_ptr, H
         a = tl.load(row + s, mask=m, other=0.0)
         tl.store(amap_ptr + n * HW + s, a.to(dt), mask=m)
         tl.store(anorm_ptr + n * HW + s, (a * inv).to(dt), mask=m)
-    tl.store(center_ptr + n * 2, cx.to(dt))
-    tl.store(center_ptr + n * 2 + 1, cy.to(dt))
-    tl.store(stats_ptr + n * 4, norm)
-    tl.store(stats_ptr + n * 4 + 1, tot_t)
-    tl.store(stats_ptr + n * 4 + 2, cx)
-    tl.store(stats_ptr + n * 4 + 3, cy)
+    _store_center_and_stats(center_ptr, stats_ptr, n, norm, tot_t, cx, cy)
 
 
 @triton.jit
