@@ -154,6 +154,9 @@ int dtype_code(at::ScalarType t) {
 }
 
 // Host-built layer table (see bn_stats.cuh) copied to the device; returns tiles and slots.
+// The table holds this call's data pointers, so it is uploaded on every call: asynchronously
+// (a blocking copy would sync the host with the stream once per call; from pageable memory the
+// driver stages the bytes before cudaMemcpyAsync returns, so `host` may be freed right after).
 at::Tensor cuda_layer_table(const std::vector<at::Tensor>& xs, const std::vector<Geometry>& geo,
                             const std::vector<at::Tensor>* dxs, int64_t* n_tiles,
                             int64_t* n_slots) {
@@ -200,7 +203,7 @@ at::Tensor cuda_layer_table(const std::vector<at::Tensor>& xs, const std::vector
   TORCH_CHECK(tiles < (int64_t(1) << 31), "bn_stats (cuda): too many tiles");
   *n_tiles = tiles;
   *n_slots = slots;
-  return host.to(xs[0].device());
+  return host.to(xs[0].device(), /*non_blocking=*/true);
 }
 
 at::Tensor bn_stats_fwd_cuda(const at::TensorList xs_in) {

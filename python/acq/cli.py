@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=("fp32", "bf16"),
                    help="bf16: forward passes under bf16 autocast (weights, gradients, optimizers stay fp32)")
     t.add_argument("--cuda-graphs", action="store_true", default=None,
-                   help="replay the main-phase step as one CUDA graph (CUDA device, single process)")
+                   help="experimental, not yet run on a GPU: replay the main-phase step as one CUDA graph "
+                        "(CUDA device, single process)")
     t.add_argument("--work-dir")
     t.add_argument("--keep-checkpoints", type=int)
     t.add_argument("--log-every", type=int)
