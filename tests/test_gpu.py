@@ -370,3 +370,40 @@ def test_cuda_graph_step_replays_the_eager_step():
         for k in a:
             assert torch.isfinite(b[k]), (step, k)
             torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=lambda m, s=step, k=k: f"step {s} {k}: {m}")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_bn_stats_replay_in_a_cuda_graph(backend):
+    """The batched BN statistics upload a per-call table of data pointers; captured in a CUDA
+    graph, replays must reread the same host table: new values in the same input tensors give
+    the eager result."""
+    if not _backend.backend_usable(backend, DEV):
+        pytest.skip(f"{backend} not usable")
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    shapes = [(4, 8, 6, 6), (4, 16, 3, 3), (4, 5, 7, 7)]
+    xs = [torch.randn(s, device=DEV, generator=gen).requires_grad_(True) for s in shapes]
+    rms = [torch.randn(s[1], device=DEV, generator=gen) for s in shapes]
+    rvs = [torch.rand(s[1], device=DEV, generator=gen) + 0.5 for s in shapes]
+
+    def loss_and_grads():
+        loss, _ = acq_kernels.bns_loss(xs, rms, rvs)
+        return [loss] + list(torch.autograd.grad(loss, xs))
+
+    with use(backend):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: plans, caches, JIT
+                loss_and_grads()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = loss_and_grads()
+        for trial in range(2):
+            with torch.no_grad():
+                for x in xs:
+                    x.copy_(torch.randn(x.shape, device=DEV, generator=gen) * (trial + 1))
+            graph.replay()
+            want = loss_and_grads()
+            for got, ref in zip(static_out, want):
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)

@@ -99,16 +99,25 @@ def _aligned_layers(plan, vec, *bases_offs):
     return ok
 
 
+# Host tables copied inside a CUDA graph capture: the copy is a graph node that every replay
+# runs again from the same host address, so they are kept alive (and unchanged) for good.
+_captured_host_tables: list = []
+
+
 def _offsets_table(offs_list, vec, device):
     """One host->device copy of every base-offset table, each in units of vec and of 1
-    element: rows (offs_0 // vec, offs_0, offs_1 // vec, offs_1, ...); width padded to even."""
+    element: rows (offs_0 // vec, offs_0, offs_1 // vec, offs_1, ...); width padded to even.
+    Asynchronous: from pageable memory the driver stages the bytes before the call returns."""
     width = (len(offs_list[0]) + 1) // 2 * 2
     t = np.zeros((2 * len(offs_list), width), dtype=np.int64)
     for i, offs in enumerate(offs_list):
         o = np.asarray(offs, dtype=np.int64)
         t[2 * i, :len(o)] = o // vec
         t[2 * i + 1, :len(o)] = o
-    return torch.from_numpy(t).to(device, non_blocking=True)
+    host = torch.from_numpy(t)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        _captured_host_tables.append(host)
+    return host.to(device, non_blocking=True)
 
 
 def _triton_forward(xs):

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <mutex>
 #include <vector>
 
 #include "cpu/bn_stats.h"
@@ -13,6 +14,7 @@
 
 #if ACQ_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -157,6 +159,8 @@ int dtype_code(at::ScalarType t) {
 // The table holds this call's data pointers, so it is uploaded on every call: asynchronously
 // (a blocking copy would sync the host with the stream once per call; from pageable memory the
 // driver stages the bytes before cudaMemcpyAsync returns, so `host` may be freed right after).
+// Inside a CUDA graph capture the copy becomes a graph node that every replay runs again from
+// the same host address, so there `host` is kept alive (and unchanged) for the process's life.
 at::Tensor cuda_layer_table(const std::vector<at::Tensor>& xs, const std::vector<Geometry>& geo,
                             const std::vector<at::Tensor>* dxs, int64_t* n_tiles,
                             int64_t* n_slots) {
@@ -203,7 +207,14 @@ at::Tensor cuda_layer_table(const std::vector<at::Tensor>& xs, const std::vector
   TORCH_CHECK(tiles < (int64_t(1) << 31), "bn_stats (cuda): too many tiles");
   *n_tiles = tiles;
   *n_slots = slots;
-  return host.to(xs[0].device(), /*non_blocking=*/true);
+  at::Tensor table = host.to(xs[0].device(), /*non_blocking=*/true);
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    static std::mutex mu;
+    static std::vector<at::Tensor> captured;  // a few hundred bytes per captured call
+    const std::lock_guard<std::mutex> lock(mu);
+    captured.push_back(host);
+  }
+  return table;
 }
 
 at::Tensor bn_stats_fwd_cuda(const at::TensorList xs_in) {
