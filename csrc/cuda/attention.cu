@@ -1,5 +1,6 @@
 // CUDA kernels of the spatial-attention family; see attention.cuh.
 #include "cuda/attention.cuh"
+#include "cuda/convert.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -14,21 +15,6 @@ constexpr float kEps = 1e-12f;  // norm clamp, as acq_kernels.attention.referenc
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxGridY = 65535;
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float v);
-template <>
-__device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 template <bool kSquare>
 __device__ __forceinline__ float pow_abs(float x, float p) {
@@ -55,10 +41,10 @@ __global__ void map_nchw_kernel(const T* __restrict__ f, float* __restrict__ a32
       const T* x = f + n * stride_n + s;
       int c = grp;
       for (; c + groups < C; c += 2 * groups) {
-        acc0 += pow_abs<kSquare>(to_f32(x[c * stride_c]), p);
-        acc1 += pow_abs<kSquare>(to_f32(x[(c + groups) * stride_c]), p);
+        acc0 += pow_abs<kSquare>(to_acc(x[c * stride_c]), p);
+        acc1 += pow_abs<kSquare>(to_acc(x[(c + groups) * stride_c]), p);
       }
-      if (c < C) acc0 += pow_abs<kSquare>(to_f32(x[c * stride_c]), p);
+      if (c < C) acc0 += pow_abs<kSquare>(to_acc(x[c * stride_c]), p);
     }
     part[threadIdx.x] = acc0 + acc1;
     __syncthreads();
@@ -81,7 +67,7 @@ __global__ void map_nhwc_kernel(const T* __restrict__ f, float* __restrict__ a32
   for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
     const T* x = f + n * stride_n + static_cast<int64_t>(s) * stride_s;
     float acc = 0.f;
-    for (int c = lane; c < C; c += 32) acc += pow_abs<kSquare>(to_f32(x[c]), p);
+    for (int c = lane; c < C; c += 32) acc += pow_abs<kSquare>(to_acc(x[c]), p);
     for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
     if (lane == 0) a32[n * HW + s] = acc / static_cast<float>(C);
   }
@@ -133,12 +119,12 @@ __global__ void finalize_kernel(const float* __restrict__ a32, T* __restrict__ a
   const float cy = v[1] == 0.f ? 0.f : v[3] / v[1];
   for (int s = threadIdx.x; s < HW; s += kThreads) {
     const float val = a[s];
-    amap[n * HW + s] = from_f32<T>(val);
-    anorm[n * HW + s] = from_f32<T>(val / denom);
+    amap[n * HW + s] = from_acc<T>(val);
+    anorm[n * HW + s] = from_acc<T>(val / denom);
   }
   if (threadIdx.x == 0) {
-    center[2 * n] = from_f32<T>(cx);
-    center[2 * n + 1] = from_f32<T>(cy);
+    center[2 * n] = from_acc<T>(cx);
+    center[2 * n + 1] = from_acc<T>(cy);
     stats[4 * n] = norm;
     stats[4 * n + 1] = v[1];
     stats[4 * n + 2] = cx;
@@ -209,9 +195,9 @@ __global__ void feat_bwd_kernel(const T* __restrict__ f, const float* __restrict
     const Index m = r - n * outer;  // c (nchw) or s (nhwc)
     const float d = (kChannelsLast ? dA[r] : dA[n * HW + i]) * scale;
     const int64_t in_off = static_cast<int64_t>(n) * in_n + static_cast<int64_t>(m) * in_mid + i;
-    const float x = to_f32(f[in_off]);
+    const float x = to_acc(f[in_off]);
     df[static_cast<int64_t>(n) * out_n + static_cast<int64_t>(m) * out_mid + i] =
-        from_f32<T>(grad_elem<kSquare>(x, d, pm1));
+        from_acc<T>(grad_elem<kSquare>(x, d, pm1));
   }
 }
 

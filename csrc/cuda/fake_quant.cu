@@ -8,6 +8,7 @@
 // Math: same expressions and order as the CPU kernels, with __f{mul,add}_rn so nvcc cannot
 // contract a multiply-add into an FMA (which rounds once and breaks bitwise equality).
 #include "cuda/fake_quant.cuh"
+#include "cuda/convert.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -23,35 +24,6 @@ constexpr int kThreads = 256;
 constexpr int kMaxPartials = 256;  // blocks of the per-tensor min/max pass (partials per tensor)
 constexpr int kLsqTargetBlocks = 2048;
 constexpr float kInf = __builtin_huge_valf();
-
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename Acc<T>::type;
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(acc_t<T> v);
-template <>
-__device__ __forceinline__ float from_acc<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ double from_acc<double>(double v) { return v; }
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }

@@ -69,6 +69,14 @@ void check_qparams(const Tensor& x, const Tensor& scale, const Tensor& zero_poin
               "zero_point must be int32 or float32, got ", zero_point.scalar_type());
 }
 
+// Argument checks shared by the CPU and CUDA fake-quant forward ops.
+void check_fq_args(const Tensor& x, const Tensor& scale, const Tensor& zero_point,
+                   int64_t quant_min, int64_t quant_max, int64_t axis) {
+  check_x(x, "x");
+  check_qparams(x, scale, zero_point, axis);
+  check_range(quant_min, quant_max);
+}
+
 void check_scalar_buffer(const Tensor& x, const Tensor& t, const char* name, at::ScalarType st) {
   TORCH_CHECK(t.device() == x.device(), name, " must be on ", x.device(), ", got ", t.device());
   TORCH_CHECK(t.scalar_type() == st, name, " must be ", st, ", got ", t.scalar_type());
@@ -90,6 +98,15 @@ Layout channel_layout(const Tensor& x, int64_t axis) {
 Tensor new_mask(const Tensor& x, bool save_mask) {
   const int64_t bytes = save_mask ? (x.numel() + 7) / 8 : 0;
   return at::empty({bytes}, x.options().dtype(at::kByte));
+}
+
+// Outputs of a min/max fake quant (shared by the CPU and CUDA ops): out like x, the optional
+// packed mask, and one float scale / int32 zero point per channel (one per tensor: axis < 0).
+std::tuple<Tensor, Tensor, Tensor, Tensor> new_minmax_outputs(const Tensor& x, int64_t axis,
+                                                              bool save_mask) {
+  const int64_t C = axis < 0 ? 1 : x.size(axis);
+  return {at::empty_like(x), new_mask(x, save_mask), at::empty({C}, x.options().dtype(at::kFloat)),
+          at::empty({C}, x.options().dtype(at::kInt))};
 }
 
 // ---------------------------------------------------------------------------------------- CPU
@@ -144,9 +161,7 @@ void run_fq_cpu(const Tensor& x, Tensor& out, Tensor& mask, const acq::cpu::FqPa
 std::tuple<Tensor, Tensor> fq_forward_cpu(const Tensor& x, const Tensor& scale,
                                           const Tensor& zero_point, int64_t quant_min,
                                           int64_t quant_max, int64_t axis, bool save_mask) {
-  check_x(x, "x");
-  check_qparams(x, scale, zero_point, axis);
-  check_range(quant_min, quant_max);
+  check_fq_args(x, scale, zero_point, quant_min, quant_max, axis);
   Tensor out = at::empty_like(x);
   Tensor mask = new_mask(x, save_mask);
   if (x.numel() == 0) return {out, mask};
@@ -236,11 +251,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fq_minmax_forward_cpu(const Tensor& x
                                                                  bool save_mask) {
   check_observer(x, quant_min, quant_max, eps);
   check_axis(x, axis);
-  const int64_t C = axis < 0 ? 1 : x.size(axis);
-  Tensor out = at::empty_like(x);
-  Tensor mask = new_mask(x, save_mask);
-  Tensor scale = at::empty({C}, x.options().dtype(at::kFloat));
-  Tensor zp = at::empty({C}, x.options().dtype(at::kInt));
+  auto [out, mask, scale, zp] = new_minmax_outputs(x, axis, save_mask);
+  const int64_t C = scale.numel();
   const Layout lay = channel_layout(x, axis);
   std::vector<float> mn(C, std::numeric_limits<float>::infinity());
   std::vector<float> mx(C, -std::numeric_limits<float>::infinity());
@@ -343,9 +355,7 @@ uint8_t* mask_ptr(Tensor& mask) {
 std::tuple<Tensor, Tensor> fq_forward_cuda(const Tensor& x, const Tensor& scale,
                                            const Tensor& zero_point, int64_t quant_min,
                                            int64_t quant_max, int64_t axis, bool save_mask) {
-  check_x(x, "x");
-  check_qparams(x, scale, zero_point, axis);
-  check_range(quant_min, quant_max);
+  check_fq_args(x, scale, zero_point, quant_min, quant_max, axis);
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor out = at::empty_like(x);
   Tensor mask = new_mask(x, save_mask);
@@ -405,11 +415,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fq_minmax_forward_cuda(const Tensor& 
   check_observer(x, quant_min, quant_max, eps);
   check_axis(x, axis);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t C = axis < 0 ? 1 : x.size(axis);
-  Tensor out = at::empty_like(x);
-  Tensor mask = new_mask(x, save_mask);
-  Tensor scale = at::empty({C}, x.options().dtype(at::kFloat));
-  Tensor zp = at::empty({C}, x.options().dtype(at::kInt));
+  auto [out, mask, scale, zp] = new_minmax_outputs(x, axis, save_mask);
   if (x.numel() == 0) {  // nothing observed: torch's default qparams
     scale.fill_(1.0);
     zp.zero_();
