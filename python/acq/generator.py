@@ -20,7 +20,34 @@ def _coord_planes(c: torch.Tensor, size: int) -> torch.Tensor:
     return torch.stack([u, v], 1)
 
 
-class Generator(nn.Module):
+class _ConditionalSeed(nn.Module):
+    """What both generators share: z times the label embedding (plus the center embedding), a
+    linear map to a `width` x init_size^2 seed, and the center's coordinate planes beside it."""
+
+    def __init__(self, num_classes: int, img_size: int, channels: int, latent_dim: int, width: int,
+                 use_center: bool, downscale: int):
+        super().__init__()
+        if img_size % downscale:
+            raise ValueError(f"img_size must be divisible by {downscale}, got {img_size}")
+        self.num_classes, self.img_size, self.channels = num_classes, img_size, channels
+        self.latent_dim, self.use_center, self.width = latent_dim, use_center, width
+        self.init_size = img_size // downscale
+        self.label_emb = nn.Embedding(num_classes, latent_dim)
+        self.center_emb = nn.Linear(2, latent_dim) if use_center else None
+        self.l1 = nn.Linear(latent_dim, width * self.init_size ** 2)
+        self.seed_channels = width + (2 if use_center else 0)
+
+    def seed(self, z, labels, center=None):
+        h = self.label_emb(labels) * z
+        if self.use_center:
+            h = h + self.center_emb(center)
+        out = self.l1(h).view(z.shape[0], self.width, self.init_size, self.init_size)
+        if self.use_center:
+            out = torch.cat([out, _coord_planes(center.to(out.dtype), self.init_size)], 1)
+        return out
+
+
+class Generator(_ConditionalSeed):
     """GDFQ's CIFAR generator (two 2x upsamplings from img_size/4) with the center condition.
 
     GDFQ's `BatchNorm2d(C, 0.8)` passes 0.8 as eps (not momentum); kept for fidelity.
@@ -28,53 +55,28 @@ class Generator(nn.Module):
 
     def __init__(self, num_classes: int, img_size: int = 32, channels: int = 3, latent_dim: int = 100,
                  width: int = 128, use_center: bool = True):
-        super().__init__()
-        if img_size % 4:
-            raise ValueError(f"img_size must be divisible by 4, got {img_size}")
-        self.num_classes, self.img_size, self.channels = num_classes, img_size, channels
-        self.latent_dim, self.use_center = latent_dim, use_center
-        self.init_size = img_size // 4
-        self.label_emb = nn.Embedding(num_classes, latent_dim)
-        self.center_emb = nn.Linear(2, latent_dim) if use_center else None
-        self.l1 = nn.Linear(latent_dim, width * self.init_size ** 2)
-        self.width = width
-        extra = 2 if use_center else 0
-        self.conv_blocks0 = nn.BatchNorm2d(width + extra)
+        super().__init__(num_classes, img_size, channels, latent_dim, width, use_center, downscale=4)
+        self.conv_blocks0 = nn.BatchNorm2d(self.seed_channels)
         self.conv_blocks1 = nn.Sequential(
-            nn.Conv2d(width + extra, width, 3, 1, 1), nn.BatchNorm2d(width, 0.8), nn.LeakyReLU(0.2))
+            nn.Conv2d(self.seed_channels, width, 3, 1, 1), nn.BatchNorm2d(width, 0.8), nn.LeakyReLU(0.2))
         self.conv_blocks2 = nn.Sequential(
             nn.Conv2d(width, width // 2, 3, 1, 1), nn.BatchNorm2d(width // 2, 0.8), nn.LeakyReLU(0.2),
             nn.Conv2d(width // 2, channels, 3, 1, 1), nn.Tanh(), nn.BatchNorm2d(channels, affine=False))
 
     def forward(self, z, labels, center=None):
-        h = self.label_emb(labels) * z
-        if self.use_center:
-            h = h + self.center_emb(center)
-        out = self.l1(h).view(z.shape[0], self.width, self.init_size, self.init_size)
-        if self.use_center:
-            out = torch.cat([out, _coord_planes(center.to(out.dtype), self.init_size)], 1)
-        img = F.interpolate(self.conv_blocks0(out), scale_factor=2)
+        img = F.interpolate(self.conv_blocks0(self.seed(z, labels, center)), scale_factor=2)
         img = F.interpolate(self.conv_blocks1(img), scale_factor=2)
         return self.conv_blocks2(img)
 
 
-class Generator224(nn.Module):
+class Generator224(_ConditionalSeed):
     """ImageNet-size variant (GDFQ's ImageNet generator shape): 7x7 seed, five 2x upsamplings to 224."""
 
     def __init__(self, num_classes: int, img_size: int = 224, channels: int = 3, latent_dim: int = 100,
                  width: int = 128, use_center: bool = True):
-        super().__init__()
-        if img_size % 32:
-            raise ValueError(f"img_size must be divisible by 32, got {img_size}")
-        self.num_classes, self.img_size, self.channels = num_classes, img_size, channels
-        self.latent_dim, self.use_center, self.width = latent_dim, use_center, width
-        self.init_size = img_size // 32
-        self.label_emb = nn.Embedding(num_classes, latent_dim)
-        self.center_emb = nn.Linear(2, latent_dim) if use_center else None
-        self.l1 = nn.Linear(latent_dim, width * self.init_size ** 2)
-        extra = 2 if use_center else 0
-        self.bn0 = nn.BatchNorm2d(width + extra)
-        chans = [width + extra, width, width, width // 2, width // 2, width // 4]
+        super().__init__(num_classes, img_size, channels, latent_dim, width, use_center, downscale=32)
+        self.bn0 = nn.BatchNorm2d(self.seed_channels)
+        chans = [self.seed_channels, width, width, width // 2, width // 2, width // 4]
         self.ups = nn.ModuleList(
             nn.Sequential(nn.Conv2d(chans[i], chans[i + 1], 3, 1, 1), nn.BatchNorm2d(chans[i + 1], 0.8),
                           nn.LeakyReLU(0.2))
@@ -83,13 +85,7 @@ class Generator224(nn.Module):
                                   nn.BatchNorm2d(channels, affine=False))
 
     def forward(self, z, labels, center=None):
-        h = self.label_emb(labels) * z
-        if self.use_center:
-            h = h + self.center_emb(center)
-        out = self.l1(h).view(z.shape[0], self.width, self.init_size, self.init_size)
-        if self.use_center:
-            out = torch.cat([out, _coord_planes(center.to(out.dtype), self.init_size)], 1)
-        out = self.bn0(out)
+        out = self.bn0(self.seed(z, labels, center))
         for block in self.ups:
             out = block(F.interpolate(out, scale_factor=2))
         return self.head(out)
