@@ -194,6 +194,19 @@ struct MinMaxFinish {
   float eps = 0.0f;
 };
 
+// The per-tensor qparams finish of a min/max pass over `nparts` partials in `workspace`.
+MinMaxFinish qparams_finish(float* workspace, int nparts, float* scale, int32_t* zero_point,
+                            bool symmetric, float eps) {
+  MinMaxFinish fin;
+  fin.partials = workspace;
+  fin.nparts = nparts;
+  fin.scale_out = scale;
+  fin.zero_point_out = zero_point;
+  fin.symmetric = symmetric;
+  fin.eps = eps;
+  return fin;
+}
+
 __device__ void finish_minmax(const MinMaxFinish& f, int qmin, int qmax, float* s_qp) {
   float mn = kInf, mx = -kInf;
   for (int i = threadIdx.x; i < f.nparts; i += blockDim.x) {
@@ -748,13 +761,9 @@ void fq_minmax_forward(DType dt, const void* x, void* out, uint8_t* mask, const 
   dispatch(dt, [&](auto tag) {
     using T = decltype(tag);
     if (!l.per_channel) {
-      MinMaxFinish fin;
-      fin.partials = workspace;
-      fin.nparts = launch_minmax_partials<T>(x, l.n, workspace, nullptr, nullptr, stream);
-      fin.scale_out = scale;
-      fin.zero_point_out = zero_point;
-      fin.symmetric = symmetric;
-      fin.eps = eps;
+      const MinMaxFinish fin = qparams_finish(
+          workspace, launch_minmax_partials<T>(x, l.n, workspace, nullptr, nullptr, stream), scale,
+          zero_point, symmetric, eps);
       launch_fq_any<T, false, false, true>(x, out, mask, l, nullptr, nullptr, false, quant_min,
                                            quant_max, fin, stream);
       return;
@@ -789,17 +798,13 @@ void fq_moving_average_forward(DType dt, const void* x, void* out, uint8_t* mask
   l.channels = 1;
   dispatch(dt, [&](auto tag) {
     using T = decltype(tag);
-    MinMaxFinish fin;
-    fin.partials = workspace;
-    fin.nparts = launch_minmax_partials<T>(x, n, workspace, min_val, max_val, stream);
-    fin.moving_average = true;
+    MinMaxFinish fin = qparams_finish(
+        workspace, launch_minmax_partials<T>(x, n, workspace, min_val, max_val, stream), scale,
+        zero_point, symmetric, eps);
+    fin.moving_average = true;  // the EMA of the stored range, written back, feeds the qparams
     fin.averaging_constant = averaging_constant;
     fin.min_val = min_val;
     fin.max_val = max_val;
-    fin.scale_out = scale;
-    fin.zero_point_out = zero_point;
-    fin.symmetric = symmetric;
-    fin.eps = eps;
     launch_fq_any<T, false, false, true>(x, out, mask, l, nullptr, nullptr, false, quant_min,
                                          quant_max, fin, stream);
   });
