@@ -159,19 +159,18 @@ def _native_weights(weights):
     return outs
 
 
+def _per_tensor_case(name: str, make, **kw) -> Case:
+    """Per-tensor fake quant of one activation layout: baseline, torch's native op, acq."""
+    return Case("fake_quant", name, make=make,
+                baseline=lambda x, scale, zero_point: baselines.fake_quantize(x, scale, zero_point, QMIN, QMAX),
+                native=_native_fq_per_tensor,
+                acq=lambda x, scale, zero_point: acq_kernels.fake_quantize(x, scale, zero_point, QMIN, QMAX),
+                acq_needs=("fake_quantize",), **kw)
+
+
 FAKE_QUANT = [
-    Case("fake_quant", "per_tensor", quick_compile=True,
-         make=_activation,
-         baseline=lambda x, scale, zero_point: baselines.fake_quantize(x, scale, zero_point, QMIN, QMAX),
-         native=_native_fq_per_tensor,
-         acq=lambda x, scale, zero_point: acq_kernels.fake_quantize(x, scale, zero_point, QMIN, QMAX),
-         acq_needs=("fake_quantize",)),
-    Case("fake_quant", "per_tensor_channels_last",
-         make=lambda cfg: _activation(cfg, channels_last=True),
-         baseline=lambda x, scale, zero_point: baselines.fake_quantize(x, scale, zero_point, QMIN, QMAX),
-         native=_native_fq_per_tensor,
-         acq=lambda x, scale, zero_point: acq_kernels.fake_quantize(x, scale, zero_point, QMIN, QMAX),
-         acq_needs=("fake_quantize",)),
+    _per_tensor_case("per_tensor", _activation, quick_compile=True),
+    _per_tensor_case("per_tensor_channels_last", lambda cfg: _activation(cfg, channels_last=True)),
     Case("fake_quant", "moving_average",
          make=_activation_ema,
          baseline=lambda x, min_val, max_val, scale, zero_point: baselines.fake_quantize_moving_average(
