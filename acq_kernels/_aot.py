@@ -3,7 +3,8 @@
 Each kernel family lists `AOT_SPECS` in its `triton_kernels.py`: one `AotSpec` per
 specialisation worth checking. `compile_all(arch)` compiles them to PTX/cubin with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` and reports what the PTX
-says about performance intent (vector width of global loads, local-memory spills).
+says about performance intent (vector width of global loads, local-memory spills, divisions
+that a kernel should do once per program rather than per element).
 
 Run as `python -m acq_kernels._aot 90` (JSON on stdout). It must run in a process *without*
 TRITON_INTERPRET=1: under the interpreter, @triton.jit returns interpreted functions that
@@ -31,6 +32,12 @@ class AotSpec:
     streaming: bool = False        # a bandwidth-bound kernel: must use 128-bit global loads
     num_warps: int = 4
     options: dict = dataclasses.field(default_factory=dict)  # extra compile options, as launched
+    # False: the kernel may divide (IEEE div.rn, integer div/rem) only per program, not per
+    # element; the PTX then holds at most MAX_SCALAR_DIVS of them. None: not checked.
+    per_element_div: bool | None = None
+
+
+MAX_SCALAR_DIVS = 4  # per-program divisions of a kernel without per-element ones
 
 
 def _analyse(ptx: str) -> dict:
@@ -42,6 +49,8 @@ def _analyse(ptx: str) -> dict:
         "has_128bit_load": any(".v4.b32" in w or ".v4.f32" in w or ".v2.b64" in w or ".v4.u32" in w
                                for w in widths),
         "local_memory": bool(re.search(r"\.local\b|ld\.local|st\.local", ptx)),
+        "div_rn": len(re.findall(r"\bdiv\.rn\.f32", ptx)),
+        "int_div": len(re.findall(r"\b(?:div|rem)\.[su](?:32|64)", ptx)),
     }
 
 
@@ -57,6 +66,7 @@ def compile_spec(spec: AotSpec, arch: int) -> dict:
                               options={"num_warps": spec.num_warps, **spec.options})
     info = _analyse(compiled.asm["ptx"])
     info.update(name=spec.name, arch=arch, streaming=spec.streaming,
+                per_element_div=spec.per_element_div, options=dict(spec.options),
                 cubin_bytes=len(compiled.asm["cubin"]),
                 n_spills=int(getattr(compiled, "n_spills", 0) or 0))
     return info

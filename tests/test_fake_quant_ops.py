@@ -600,7 +600,7 @@ def test_triton_looped_paths_match_reference(monkeypatch):
     (grid-stride reductions, looped per-channel rows, several finishing programs)."""
     from acq_kernels.fake_quant import triton_kernels as K
     for name, value in (("BLOCK", 64), ("RED_BLOCK", 64), ("MAX_PARTIALS", 4),
-                        ("ROW_BLOCK_MAX", 64), ("ROWS_MIN", 8)):
+                        ("ROW_BLOCK_MAX", 64)):
         monkeypatch.setattr(K, name, value)
     x = torch.randn(3, 136) * 2
     g = torch.randn_like(x)

@@ -23,7 +23,6 @@ BLOCK = 2048          # elementwise block: 16 fp32 per thread at 4 warps -> 128-
 RED_BLOCK = 2048      # reduction block
 MAX_PARTIALS = 1024   # programs of a partial reduction (one finishing block holds all partials)
 ROW_BLOCK_MAX = 4096  # per-channel min/max: a channel up to this size is read once, in one block
-ROWS_MIN = 512        # per-channel fake quant: channel runs at least this long use the row grid
 NUM_WARPS = 4
 
 
@@ -63,59 +62,108 @@ def _store_mask_bytes(mask_ptr, byte0, bits, byte_end, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def fq_forward_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, zp_ptr, N, CH_STRIDE, NUM_CH,
-                      qmin, qmax, PER_CHANNEL: tl.constexpr, ROWS: tl.constexpr,
-                      SAVE_MASK: tl.constexpr, BLOCK: tl.constexpr):
-    """Elementwise fake quant writing out and the packed mask in one pass.
-
-    ROWS (per-channel, long channel runs such as axis 0 of a weight or NCHW activations):
-    x is seen as rows of CH_STRIDE elements, one channel each; grid (rows, row blocks), so the
-    qparams are per-program scalars instead of per-element gathers and integer divisions.
-    The launcher uses it only when CH_STRIDE % 8 == 0 (or no mask), so rows own whole bytes."""
-    if ROWS:
-        row = tl.program_id(0)
-        col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        valid = col < CH_STRIDE
-        start = row * CH_STRIDE + tl.program_id(1) * BLOCK
-        offs = start + tl.arange(0, BLOCK)
-        ch = row % NUM_CH
-        s = tl.load(scale_ptr + ch)
-        zp = tl.load(zp_ptr + ch).to(tl.float32)
-        byte_end = ((row + 1) * CH_STRIDE) // 8
+def _fq_block(x_ptr, out_ptr, mask_ptr, offs, valid, s, inv, zp, qmin, qmax, byte0, byte_end,
+              SAVE_MASK: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    """Fake-quantize the elements `offs` (BLOCK contiguous, starting at a multiple of BLOCK)
+    and pack their mask bytes. MASKED=False (a full block): no mask on loads and stores, so
+    they vectorise to 128-bit accesses whatever the tensor's size; the tail block is masked."""
+    if MASKED:
+        x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     else:
-        start = tl.program_id(0) * BLOCK
-        offs = start + tl.arange(0, BLOCK)
-        valid = offs < N
-        byte_end = (N + 7) // 8
-        if PER_CHANNEL:
-            ch = (offs // CH_STRIDE) % NUM_CH
-            s = tl.load(scale_ptr + ch, mask=valid, other=1.0)
-            zp = tl.load(zp_ptr + ch, mask=valid, other=0).to(tl.float32)
-        else:
-            s = tl.load(scale_ptr)
-            zp = tl.load(zp_ptr).to(tl.float32)
-    x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+        x = tl.load(x_ptr + offs).to(tl.float32)
     out, in_range = _fq_math(x, s, inv, zp, qmin, qmax)
-    tl.store(out_ptr + offs, _round_to(out, out_ptr.dtype.element_ty), mask=valid)
+    out = _round_to(out, out_ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(out_ptr + offs, out, mask=valid)
+    else:
+        tl.store(out_ptr + offs, out)
     if SAVE_MASK:
-        bits = (in_range & valid).to(tl.int32)
-        _store_mask_bytes(mask_ptr, start // 8, bits, byte_end, BLOCK)
+        if MASKED:
+            in_range = in_range & valid
+        _store_mask_bytes(mask_ptr, byte0, in_range.to(tl.int32), byte_end, BLOCK)
+
+
+@triton.jit
+def _fq_qparams(scale_ptr, zp_ptr, start, CH_STRIDE, NUM_CH, PER_CHANNEL: tl.constexpr,
+                SPAN2: tl.constexpr, BLOCK: tl.constexpr):
+    """(scale, 1/scale, zero point as fp32) for the block of memory offsets [start, start +
+    BLOCK): scalars per tensor; per channel with SPAN2 (CH_STRIDE >= BLOCK, so the block meets
+    at most two channels) a select between two per-program scalars; otherwise per-element
+    gathers. 1/scale is torch's inv_scale (1.0f / scale, correctly rounded)."""
+    if PER_CHANNEL:
+        if SPAN2:
+            c0 = start // CH_STRIDE                      # one integer divide per program
+            first = (c0 + 1) * CH_STRIDE - start         # lanes of channel c0 in this block
+            ch0 = c0 % NUM_CH
+            ch1 = (c0 + 1) % NUM_CH
+            s0 = tl.load(scale_ptr + ch0)
+            s1 = tl.load(scale_ptr + ch1)
+            z0 = tl.load(zp_ptr + ch0).to(tl.float32)
+            z1 = tl.load(zp_ptr + ch1).to(tl.float32)
+            i0 = tl.math.div_rn(1.0, s0)
+            i1 = tl.math.div_rn(1.0, s1)
+            second = tl.arange(0, BLOCK) >= first
+            s = tl.where(second, s1, s0)
+            inv = tl.where(second, i1, i0)
+            zp = tl.where(second, z1, z0)
+        else:
+            offs = start + tl.arange(0, BLOCK)
+            ch = (offs // CH_STRIDE) % NUM_CH            # always in [0, NUM_CH): no mask needed
+            s = tl.load(scale_ptr + ch)
+            zp = tl.load(zp_ptr + ch).to(tl.float32)
+            inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    else:
+        s = tl.load(scale_ptr)
+        zp = tl.load(zp_ptr).to(tl.float32)
+        inv = tl.math.div_rn(1.0, s)
+    return s, inv, zp
+
+
+@triton.jit
+def fq_forward_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, zp_ptr, N, CH_STRIDE, NUM_CH,
+                      qmin, qmax, PER_CHANNEL: tl.constexpr, SPAN2: tl.constexpr,
+                      SAVE_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """Elementwise fake quant writing out and the packed mask in one pass, over flat blocks of
+    memory (so every program owns whole mask bytes); grid (cdiv(N, BLOCK),). Full blocks take
+    the unmasked (vectorised) path, the one tail block the masked one. The channel geometry
+    (SPAN2 for long channel runs: axis 0 of a weight, NCHW activations) is in _fq_qparams."""
+    start = tl.program_id(0) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    s, inv, zp = _fq_qparams(scale_ptr, zp_ptr, start, CH_STRIDE, NUM_CH, PER_CHANNEL, SPAN2,
+                             BLOCK)
+    if start + BLOCK <= N:
+        _fq_block(x_ptr, out_ptr, mask_ptr, offs, offs < N, s, inv, zp, qmin, qmax, start // 8,
+                  (N + 7) // 8, SAVE_MASK, False, BLOCK)
+    else:
+        _fq_block(x_ptr, out_ptr, mask_ptr, offs, offs < N, s, inv, zp, qmin, qmax, start // 8,
+                  (N + 7) // 8, SAVE_MASK, True, BLOCK)
+
+
+@triton.jit
+def _mask_bits(mask_ptr, pid, N, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    """The [BLOCK] mask bits (fp32 0/1) of block pid."""
+    bidx = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+    if MASKED:
+        byte = tl.load(mask_ptr + bidx, mask=bidx < (N + 7) // 8, other=0).to(tl.int32)
+    else:
+        byte = tl.load(mask_ptr + bidx).to(tl.int32)
+    bits = (byte[:, None] >> tl.arange(0, 8)[None, :]) & 1
+    return tl.reshape(bits, (BLOCK,)).to(tl.float32)
 
 
 @triton.jit
 def fq_mask_backward_kernel(g_ptr, mask_ptr, out_ptr, N, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < N
-    g = tl.load(g_ptr + offs, mask=valid, other=0.0)
-    bidx = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
-    byte = tl.load(mask_ptr + bidx, mask=bidx < (N + 7) // 8, other=0).to(tl.int32)
-    bits = (byte[:, None] >> tl.arange(0, 8)[None, :]) & 1
-    bit = tl.reshape(bits, (BLOCK,)).to(tl.float32)
     # a product like torch's dY * mask (NaN * 0 = NaN, -g * 0 = -0), rounded once
-    tl.store(out_ptr + offs, _round_to(g.to(tl.float32) * bit, out_ptr.dtype.element_ty),
-             mask=valid)
+    if pid * BLOCK + BLOCK <= N:  # full block: unmasked, vectorised
+        g = tl.load(g_ptr + offs).to(tl.float32) * _mask_bits(mask_ptr, pid, N, False, BLOCK)
+        tl.store(out_ptr + offs, _round_to(g, out_ptr.dtype.element_ty))
+    else:
+        valid = offs < N
+        g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        g = g * _mask_bits(mask_ptr, pid, N, True, BLOCK)
+        tl.store(out_ptr + offs, _round_to(g, out_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -125,6 +173,38 @@ def _channel_offsets(m, c, CH_STRIDE, NUM_CH, PER_CHANNEL: tl.constexpr):
         return (m // CH_STRIDE) * (CH_STRIDE * NUM_CH) + c * CH_STRIDE + (m % CH_STRIDE)
     else:
         return m
+
+
+@triton.jit
+def _lsq_block(g_ptr, x_ptr, dx_ptr, m, valid, c, s, inv, zp, ds_lo, ds_hi, qmin, qmax,
+               grad_factor, acc_s, acc_z, CH_STRIDE, NUM_CH, PER_CHANNEL: tl.constexpr,
+               MASKED: tl.constexpr):
+    """One block of the LSQ backward: writes dx, returns the updated dscale/dzp sums."""
+    o = _channel_offsets(m, c, CH_STRIDE, NUM_CH, PER_CHANNEL)
+    if MASKED:
+        x = tl.load(x_ptr + o, mask=valid, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + o, mask=valid, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + o).to(tl.float32)
+        g = tl.load(g_ptr + o).to(tl.float32)
+    q = _rne(zp + x * inv)  # torch's backward adds the zero point before rounding
+    lo = q < qmin
+    hi = q > qmax
+    in_range = (q >= qmin) & (q <= qmax)
+    dx = _round_to(g * in_range.to(tl.float32), dx_ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(dx_ptr + o, dx, mask=valid)
+    else:
+        tl.store(dx_ptr + o, dx)
+    qc = tl.where(lo, qmin, tl.where(hi, qmax, q))
+    xfq = (qc - zp) * s
+    ds_in = g * (xfq - x) * inv * grad_factor
+    ds_out = tl.where(lo, g * ds_lo, g * ds_hi) * grad_factor
+    dz_out = g * -1.0 * s * grad_factor
+    clipped = lo | hi
+    acc_s += tl.where(valid, tl.where(clipped, ds_out, ds_in), 0.0)
+    acc_z += tl.where(valid & clipped, dz_out, 0.0)
+    return acc_s, acc_z
 
 
 @triton.jit
@@ -145,42 +225,49 @@ def fq_lsq_backward_kernel(g_ptr, x_ptr, dx_ptr, scale_ptr, zp_ptr, part_ptr, M,
     ds_hi = qmax - zp
     acc_s = tl.zeros([BLOCK], dtype=tl.float32)
     acc_z = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in tl.range(p * BLOCK, M, P * BLOCK):
+    # full blocks unmasked (vectorised), then the tail block (if any) masked, by one program
+    m_full = M // BLOCK * BLOCK
+    for start in tl.range(p * BLOCK, m_full, P * BLOCK):
         m = start + tl.arange(0, BLOCK)
-        valid = m < M
-        o = _channel_offsets(m, c, CH_STRIDE, NUM_CH, PER_CHANNEL)
-        x = tl.load(x_ptr + o, mask=valid, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + o, mask=valid, other=0.0).to(tl.float32)
-        q = _rne(zp + x * inv)  # torch's backward adds the zero point before rounding
-        lo = q < qmin
-        hi = q > qmax
-        in_range = (q >= qmin) & (q <= qmax)
-        tl.store(dx_ptr + o, _round_to(g * in_range.to(tl.float32), dx_ptr.dtype.element_ty),
-                 mask=valid)
-        qc = tl.where(lo, qmin, tl.where(hi, qmax, q))
-        xfq = (qc - zp) * s
-        ds_in = g * (xfq - x) * inv * grad_factor
-        ds_out = tl.where(lo, g * ds_lo, g * ds_hi) * grad_factor
-        dz_out = g * -1.0 * s * grad_factor
-        clipped = lo | hi
-        acc_s += tl.where(valid, tl.where(clipped, ds_out, ds_in), 0.0)
-        acc_z += tl.where(valid & clipped, dz_out, 0.0)
+        acc_s, acc_z = _lsq_block(g_ptr, x_ptr, dx_ptr, m, m < M, c, s, inv, zp, ds_lo, ds_hi,
+                                  qmin, qmax, grad_factor, acc_s, acc_z, CH_STRIDE, NUM_CH,
+                                  PER_CHANNEL, False)
+    if (m_full < M) & (p == (m_full // BLOCK) % P):
+        m = m_full + tl.arange(0, BLOCK)
+        acc_s, acc_z = _lsq_block(g_ptr, x_ptr, dx_ptr, m, m < M, c, s, inv, zp, ds_lo, ds_hi,
+                                  qmin, qmax, grad_factor, acc_s, acc_z, CH_STRIDE, NUM_CH,
+                                  PER_CHANNEL, True)
     tl.store(part_ptr + p * NUM_CH + c, tl.sum(acc_s, axis=0))
     tl.store(part_ptr + (P + p) * NUM_CH + c, tl.sum(acc_z, axis=0))
 
 
 @triton.jit
-def _qparams(mn, mx, qmin, qmax, eps, zp_sym, SYMMETRIC: tl.constexpr):
-    """torch.ao _calculate_qparams on fp32 scalars: (scale, zero_point as fp32)."""
+def _qparams(mn, mx, qmin, qmax, eps, zp_sym, SYMMETRIC: tl.constexpr,
+             RECIP: tl.constexpr = False):
+    """torch.ao _calculate_qparams on fp32 scalars: (scale, zero_point as fp32).
+
+    The range is divided by a Python float there, which torch computes per device: on CUDA
+    as a multiply by the fp32 reciprocal of the divisor (RECIP=True, what the launchers pass
+    for CUDA tensors; csrc/cuda/fake_quant.cu does the same), on CPU as a true division
+    (RECIP=False, interpreter runs on CPU tensors). min_neg / scale is a tensor-by-tensor
+    division, correctly rounded on both."""
     min_neg = tl.minimum(mn, 0.0)
     max_pos = tl.maximum(mx, 0.0)
     if SYMMETRIC:
         max_pos = tl.maximum(-min_neg, max_pos)
-        scale = tl.math.div_rn(max_pos, (qmax - qmin) * 0.5)
+        d = (qmax - qmin) * 0.5  # exact: qmax - qmin is an integer below 2^24
+        if RECIP:
+            scale = max_pos * tl.math.div_rn(1.0, d)
+        else:
+            scale = tl.math.div_rn(max_pos, d)
         scale = tl.maximum(scale, eps)
         zp = zp_sym
     else:
-        scale = tl.math.div_rn(max_pos - min_neg, qmax - qmin)
+        d = qmax - qmin
+        if RECIP:
+            scale = (max_pos - min_neg) * tl.math.div_rn(1.0, d)
+        else:
+            scale = tl.math.div_rn(max_pos - min_neg, d)
         scale = tl.maximum(scale, eps)
         zp = qmin - _rne(tl.math.div_rn(min_neg, scale))
         zp = tl.minimum(tl.maximum(zp, qmin), qmax)
@@ -191,7 +278,8 @@ def _qparams(mn, mx, qmin, qmax, eps, zp_sym, SYMMETRIC: tl.constexpr):
 def fq_minmax_channel_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, zp_ptr, M, CH_STRIDE, NUM_CH,
                              qmin, qmax, eps, zp_sym, SYMMETRIC: tl.constexpr,
                              FUSED: tl.constexpr, SAVE_MASK: tl.constexpr,
-                             SINGLE: tl.constexpr, BLOCK: tl.constexpr):
+                             SINGLE: tl.constexpr, BLOCK: tl.constexpr,
+                             RECIP: tl.constexpr):
     """One program per channel: min/max over the channel's M elements, qparams, and (FUSED:
     the channel is one contiguous memory range, e.g. axis 0 of a weight) the fake quant of
     the channel. SINGLE: the channel fits one block, so x is read exactly once."""
@@ -215,7 +303,7 @@ def fq_minmax_channel_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, zp_ptr, M, CH_
             vmax = tl.maximum(vmax, tl.where(valid, x, float("-inf")))
         mn = tl.min(vmin, axis=0)
         mx = tl.max(vmax, axis=0)
-    scale, zp = _qparams(mn, mx, qmin, qmax, eps, zp_sym, SYMMETRIC)
+    scale, zp = _qparams(mn, mx, qmin, qmax, eps, zp_sym, SYMMETRIC, RECIP)
     tl.store(scale_ptr + c, scale)
     tl.store(zp_ptr + c, zp.to(tl.int32))
     if FUSED:
@@ -243,15 +331,21 @@ def fq_minmax_channel_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, zp_ptr, M, CH_
 @triton.jit
 def minmax_partials_kernel(x_ptr, part_ptr, minv_ptr, maxv_ptr, N, HAS_STATE: tl.constexpr,
                            BLOCK: tl.constexpr):
-    """Per-program min/max of x into part[p] / part[P + p]. Program 0 also copies the old EMA
-    state to part[2P], part[2P + 1]: the finishing kernel reads only the copies while its
-    program 0 overwrites the buffers, so no program can see a half-updated state."""
+    """Per-program min/max of x into part[p] / part[P + p], grid-stride over full blocks
+    (unmasked: vectorised) plus the tail block in one program. HAS_STATE: program 0 also
+    copies the old EMA state to part[2P], part[2P + 1] (for finishing kernels that overwrite
+    it in several programs)."""
     p = tl.program_id(0)
     P = tl.num_programs(0)
     vmin = tl.full([BLOCK], float("inf"), tl.float32)
     vmax = tl.full([BLOCK], float("-inf"), tl.float32)
-    for start in tl.range(p * BLOCK, N, P * BLOCK):
-        offs = start + tl.arange(0, BLOCK)
+    n_full = N // BLOCK * BLOCK
+    for start in tl.range(p * BLOCK, n_full, P * BLOCK):
+        x = tl.load(x_ptr + start + tl.arange(0, BLOCK)).to(tl.float32)
+        vmin = tl.minimum(vmin, x)
+        vmax = tl.maximum(vmax, x)
+    if (n_full < N) & (p == (n_full // BLOCK) % P):
+        offs = n_full + tl.arange(0, BLOCK)
         valid = offs < N
         x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
         vmin = tl.minimum(vmin, tl.where(valid, x, float("inf")))
@@ -265,22 +359,24 @@ def minmax_partials_kernel(x_ptr, part_ptr, minv_ptr, maxv_ptr, N, HAS_STATE: tl
 
 
 @triton.jit
-def minmax_finish_fq_kernel(x_ptr, out_ptr, mask_ptr, part_ptr, minv_ptr, maxv_ptr, scale_ptr,
-                            zp_ptr, N, P, averaging_constant, qmin, qmax, eps, zp_sym,
-                            EMA: tl.constexpr, SYMMETRIC: tl.constexpr,
-                            SAVE_MASK: tl.constexpr, BLOCK: tl.constexpr,
-                            PBLOCK: tl.constexpr):
-    """Every program finishes the (tiny) min/max reduction, applies the EMA update
-    (MovingAverageMinMaxObserver) when EMA, computes the qparams, and fake-quantizes its block;
-    program 0 writes the state buffers."""
-    pid = tl.program_id(0)
-    pi = tl.arange(0, PBLOCK)
-    pv = pi < P
-    mn = tl.min(tl.load(part_ptr + pi, mask=pv, other=float("inf")), axis=0)
-    mx = tl.max(tl.load(part_ptr + P + pi, mask=pv, other=float("-inf")), axis=0)
+def minmax_qparams_kernel(part_ptr, P, minv_ptr, maxv_ptr, scale_ptr, zp_ptr,
+                          averaging_constant, qmin, qmax, eps, zp_sym, EMA: tl.constexpr,
+                          SYMMETRIC: tl.constexpr, RECIP: tl.constexpr, PBLOCK: tl.constexpr):
+    """The one finishing program of a per-tensor min/max: reduces the P partials once, applies
+    the EMA update (MovingAverageMinMaxObserver) when EMA and writes the state, and writes the
+    qparams that the elementwise fq_forward_kernel launch then reads."""
+    vmin = tl.full([PBLOCK], float("inf"), tl.float32)
+    vmax = tl.full([PBLOCK], float("-inf"), tl.float32)
+    for p0 in range(0, P, PBLOCK):
+        pi = p0 + tl.arange(0, PBLOCK)
+        pv = pi < P
+        vmin = tl.minimum(vmin, tl.load(part_ptr + pi, mask=pv, other=float("inf")))
+        vmax = tl.maximum(vmax, tl.load(part_ptr + P + pi, mask=pv, other=float("-inf")))
+    mn = tl.min(vmin, axis=0)
+    mx = tl.max(vmax, axis=0)
     if EMA:
-        old_min = tl.load(part_ptr + 2 * P)
-        old_max = tl.load(part_ptr + 2 * P + 1)
+        old_min = tl.load(minv_ptr)
+        old_max = tl.load(maxv_ptr)
         first = (old_min == float("inf")) & (old_max == float("-inf"))
         # the first observation copies the batch range (keeping -0.0); the EMA operands are
         # made finite there only to avoid computing inf - inf
@@ -288,22 +384,11 @@ def minmax_finish_fq_kernel(x_ptr, out_ptr, mask_ptr, part_ptr, minv_ptr, maxv_p
         old_max = tl.where(first, mx, old_max)
         mn = tl.where(first, mn, old_min + averaging_constant * (mn - old_min))
         mx = tl.where(first, mx, old_max + averaging_constant * (mx - old_max))
-        if pid == 0:
-            tl.store(minv_ptr, mn)
-            tl.store(maxv_ptr, mx)
-    scale, zp = _qparams(mn, mx, qmin, qmax, eps, zp_sym, SYMMETRIC)
-    if pid == 0:
-        tl.store(scale_ptr, scale)
-        tl.store(zp_ptr, zp.to(tl.int32))
-    inv = tl.math.div_rn(1.0, scale)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < N
-    x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    out, in_range = _fq_math(x, scale, inv, zp, qmin, qmax)
-    tl.store(out_ptr + offs, _round_to(out, out_ptr.dtype.element_ty), mask=valid)
-    if SAVE_MASK:
-        _store_mask_bytes(mask_ptr, pid * (BLOCK // 8), (in_range & valid).to(tl.int32),
-                          (N + 7) // 8, BLOCK)
+        tl.store(minv_ptr, mn)
+        tl.store(maxv_ptr, mx)
+    scale, zp = _qparams(mn, mx, qmin, qmax, eps, zp_sym, SYMMETRIC, RECIP)
+    tl.store(scale_ptr, scale)
+    tl.store(zp_ptr, zp.to(tl.int32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,25 +397,29 @@ _T = {"fp32": "*fp32", "bf16": "*bf16"}
 
 
 def _aot_specs() -> list:
+    """Sizes are NOT declared 16-divisible (N, M, CH_STRIDE are odd in the tests' shapes): the
+    128-bit loads must come from the unmasked full-block paths alone. Pointers are aligned
+    (torch allocations are)."""
     specs = []
     spec = functools.partial(AotSpec, options={"enable_fp_fusion": False})  # as launched
     for tn, tp in _T.items():
-        for mode in ("per_tensor", "per_channel", "per_channel_rows"):
+        for mode in ("per_tensor", "per_channel_span2", "per_channel_gather"):
             specs.append(spec(
                 name=f"fq_forward[{tn},{mode}]", kernel=fq_forward_kernel,
                 signature={"x_ptr": tp, "out_ptr": tp, "mask_ptr": "*u8", "scale_ptr": "*fp32",
                            "zp_ptr": "*i32", "N": "i32", "CH_STRIDE": "i32", "NUM_CH": "i32",
                            "qmin": "fp32", "qmax": "fp32", "PER_CHANNEL": "constexpr",
-                           "ROWS": "constexpr", "SAVE_MASK": "constexpr", "BLOCK": "constexpr"},
-                constexprs={"PER_CHANNEL": mode != "per_tensor", "ROWS": mode.endswith("rows"),
+                           "SPAN2": "constexpr", "SAVE_MASK": "constexpr", "BLOCK": "constexpr"},
+                constexprs={"PER_CHANNEL": mode != "per_tensor", "SPAN2": mode.endswith("span2"),
                             "SAVE_MASK": True, "BLOCK": BLOCK},
-                aligned=("x_ptr", "out_ptr", "mask_ptr", "N", "CH_STRIDE"), streaming=True,
-                num_warps=NUM_WARPS))
+                aligned=("x_ptr", "out_ptr", "mask_ptr"), streaming=True,
+                # per-tensor / two-channel blocks: 1/scale and the channel once per program
+                per_element_div=mode == "per_channel_gather", num_warps=NUM_WARPS))
         specs.append(spec(
             name=f"fq_mask_backward[{tn}]", kernel=fq_mask_backward_kernel,
             signature={"g_ptr": tp, "mask_ptr": "*u8", "out_ptr": tp, "N": "i32",
                        "BLOCK": "constexpr"},
-            constexprs={"BLOCK": BLOCK}, aligned=("g_ptr", "mask_ptr", "out_ptr", "N"),
+            constexprs={"BLOCK": BLOCK}, aligned=("g_ptr", "mask_ptr", "out_ptr"),
             streaming=True, num_warps=NUM_WARPS))
         for per_channel in (False, True):
             # per-channel walks a channel's (possibly strided) elements: not provably
@@ -344,27 +433,15 @@ def _aot_specs() -> list:
                            "grad_factor": "fp32", "PER_CHANNEL": "constexpr",
                            "BLOCK": "constexpr"},
                 constexprs={"PER_CHANNEL": per_channel, "BLOCK": RED_BLOCK},
-                aligned=("g_ptr", "x_ptr", "dx_ptr", "M"), streaming=not per_channel,
-                num_warps=NUM_WARPS))
+                aligned=("g_ptr", "x_ptr", "dx_ptr") + (("M",) if per_channel else ()),
+                streaming=not per_channel, num_warps=NUM_WARPS))
         specs.append(spec(
             name=f"minmax_partials[{tn}]", kernel=minmax_partials_kernel,
             signature={"x_ptr": tp, "part_ptr": "*fp32", "minv_ptr": "*fp32",
                        "maxv_ptr": "*fp32", "N": "i32", "HAS_STATE": "constexpr",
                        "BLOCK": "constexpr"},
-            constexprs={"HAS_STATE": True, "BLOCK": RED_BLOCK}, aligned=("x_ptr", "N"),
+            constexprs={"HAS_STATE": False, "BLOCK": RED_BLOCK}, aligned=("x_ptr",),
             streaming=True, num_warps=NUM_WARPS))
-        specs.append(spec(
-            name=f"minmax_finish_fq[{tn}]", kernel=minmax_finish_fq_kernel,
-            signature={"x_ptr": tp, "out_ptr": tp, "mask_ptr": "*u8", "part_ptr": "*fp32",
-                       "minv_ptr": "*fp32", "maxv_ptr": "*fp32", "scale_ptr": "*fp32",
-                       "zp_ptr": "*i32", "N": "i32", "P": "i32", "averaging_constant": "fp32",
-                       "qmin": "fp32", "qmax": "fp32", "eps": "fp32", "zp_sym": "fp32",
-                       "EMA": "constexpr", "SYMMETRIC": "constexpr", "SAVE_MASK": "constexpr",
-                       "BLOCK": "constexpr", "PBLOCK": "constexpr"},
-            constexprs={"EMA": True, "SYMMETRIC": False, "SAVE_MASK": True, "BLOCK": BLOCK,
-                        "PBLOCK": MAX_PARTIALS},
-            aligned=("x_ptr", "out_ptr", "mask_ptr", "N"), streaming=True,
-            num_warps=NUM_WARPS))
         for single in (True, False):
             specs.append(spec(
                 name=f"fq_minmax_channel[{tn},{'one_block' if single else 'looped'}]",
@@ -373,11 +450,25 @@ def _aot_specs() -> list:
                            "zp_ptr": "*i32", "M": "i32", "CH_STRIDE": "i32", "NUM_CH": "i32",
                            "qmin": "fp32", "qmax": "fp32", "eps": "fp32", "zp_sym": "fp32",
                            "SYMMETRIC": "constexpr", "FUSED": "constexpr",
-                           "SAVE_MASK": "constexpr", "SINGLE": "constexpr", "BLOCK": "constexpr"},
+                           "SAVE_MASK": "constexpr", "SINGLE": "constexpr", "BLOCK": "constexpr",
+                           "RECIP": "constexpr"},
                 constexprs={"SYMMETRIC": False, "FUSED": True, "SAVE_MASK": True,
-                            "SINGLE": single, "BLOCK": 1024 if single else BLOCK},
+                            "SINGLE": single, "BLOCK": 1024 if single else BLOCK,
+                            "RECIP": True},
                 aligned=("x_ptr", "out_ptr", "mask_ptr", "M", "CH_STRIDE"), streaming=False,
                 num_warps=NUM_WARPS))
+    for symmetric in (False, True):
+        specs.append(spec(
+            name=f"minmax_qparams[{'symmetric' if symmetric else 'affine'}]",
+            kernel=minmax_qparams_kernel,
+            signature={"part_ptr": "*fp32", "P": "i32", "minv_ptr": "*fp32", "maxv_ptr": "*fp32",
+                       "scale_ptr": "*fp32", "zp_ptr": "*i32", "averaging_constant": "fp32",
+                       "qmin": "fp32", "qmax": "fp32", "eps": "fp32", "zp_sym": "fp32",
+                       "EMA": "constexpr", "SYMMETRIC": "constexpr", "RECIP": "constexpr",
+                       "PBLOCK": "constexpr"},
+            constexprs={"EMA": True, "SYMMETRIC": symmetric, "RECIP": True,
+                        "PBLOCK": MAX_PARTIALS},
+            num_warps=NUM_WARPS))
     return specs
 
 

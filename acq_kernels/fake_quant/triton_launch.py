@@ -2,13 +2,17 @@
 
 Inputs are validated and x is dense (memory order = the order kernels walk). Offsets are
 32-bit, including those of the masked-off lanes of the last block (a wrapped, negative offset
-would pass the `offs < N` test), so tensors may have at most MAX_NUMEL elements (checked).
+would pass the `offs < N` test), so tensors may have at most MAX_NUMEL elements (checked; in
+"auto" mode larger tensors go to the CUDA extension, see ops.py). Every grid is 1-D, or has
+small second axes (partial programs), within CUDA's limits for any such tensor.
+Each launcher runs under a device guard: Triton launches on the current CUDA device.
 """
 from __future__ import annotations
 
 import torch
 import triton
 
+from .._triton_utils import triton_launcher
 from . import triton_kernels as K
 
 _LAUNCH = {"num_warps": K.NUM_WARPS, "enable_fp_fusion": False}
@@ -23,6 +27,12 @@ def _check_size(n: int):
                          f"{MAX_NUMEL} elements (32-bit offsets), got {n}")
 
 
+def _recip(device: torch.device) -> bool:
+    """Whether torch computes tensor / Python float as a multiply by the fp32 reciprocal on
+    this device (CUDA does; CPU, where the interpreter runs, divides): the qparams follow."""
+    return device.type == "cuda"
+
+
 def _mask_buffer(n: int, save_mask: bool, device) -> torch.Tensor:
     return torch.empty((n + 7) // 8 if save_mask else 0, dtype=torch.uint8, device=device)
 
@@ -34,6 +44,7 @@ def _channel_geometry(x: torch.Tensor, axis: int) -> tuple[int, int]:
     return x.stride(axis), x.size(axis)
 
 
+@triton_launcher
 def fq_forward(x, scale, zero_point, quant_min, quant_max, axis, save_mask):
     n = x.numel()
     _check_size(n)
@@ -42,14 +53,15 @@ def fq_forward(x, scale, zero_point, quant_min, quant_max, axis, save_mask):
     if n == 0:
         return out, mask
     cs, nc = _channel_geometry(x, axis)
-    rows = axis >= 0 and cs >= K.ROWS_MIN and (cs % 8 == 0 or not save_mask)
-    grid = (n // cs, triton.cdiv(cs, K.BLOCK)) if rows else (triton.cdiv(n, K.BLOCK),)
-    K.fq_forward_kernel[grid](x, out, mask if save_mask else out, scale, zero_point, n, cs, nc,
-                              float(quant_min), float(quant_max), PER_CHANNEL=axis >= 0,
-                              ROWS=rows, SAVE_MASK=save_mask, BLOCK=K.BLOCK, **_LAUNCH)
+    per_channel = axis >= 0 and nc > 1
+    K.fq_forward_kernel[(triton.cdiv(n, K.BLOCK),)](
+        x, out, mask if save_mask else out, scale, zero_point, n, cs, nc, float(quant_min),
+        float(quant_max), PER_CHANNEL=per_channel, SPAN2=per_channel and cs >= K.BLOCK,
+        SAVE_MASK=save_mask, BLOCK=K.BLOCK, **_LAUNCH)
     return out, mask
 
 
+@triton_launcher
 def fq_mask_backward(grad, mask):
     n = grad.numel()
     _check_size(n)
@@ -67,6 +79,7 @@ def _partial_programs(m: int, channels: int) -> int:
     return max(1, min(triton.cdiv(m, K.RED_BLOCK), max(1, K.MAX_PARTIALS // channels)))
 
 
+@triton_launcher
 def fq_learnable_backward(grad, x, scale, zero_point, quant_min, quant_max, axis, grad_factor):
     n = x.numel()
     _check_size(n)
@@ -98,6 +111,7 @@ def _zp_sym(quant_min: int, quant_max: int) -> float:
     return float((quant_min + quant_max) // 2 if quant_min >= 0 else 0)
 
 
+@triton_launcher
 def fq_minmax_forward(x, axis, quant_min, quant_max, symmetric, eps, save_mask):
     n = x.numel()
     _check_size(n)
@@ -121,24 +135,31 @@ def fq_minmax_forward(x, axis, quant_min, quant_max, symmetric, eps, save_mask):
     K.fq_minmax_channel_kernel[(channels,)](
         x, out, mask if save_mask else out, scale, zp, m, cs, channels, float(quant_min),
         float(quant_max), float(eps), _zp_sym(quant_min, quant_max), SYMMETRIC=symmetric,
-        FUSED=fused, SAVE_MASK=save_mask, SINGLE=single, BLOCK=block, **_LAUNCH)
+        FUSED=fused, SAVE_MASK=save_mask, SINGLE=single, BLOCK=block, RECIP=_recip(x.device),
+        **_LAUNCH)
     if not fused:  # second launch: the elementwise kernel with the fresh qparams
         out, mask = fq_forward(x, scale, zp, quant_min, quant_max, axis, save_mask)
     return out, mask, scale, zp
 
 
-def _minmax_two_launches(x, out, mask, minv, maxv, scale, zp, averaging_constant, quant_min,
-                         quant_max, symmetric, eps, ema, save_mask):
+def _minmax_per_tensor_launches(x, out, mask, minv, maxv, scale, zp, averaging_constant,
+                                quant_min, quant_max, symmetric, eps, ema, save_mask):
+    """Partial min/max (grid-stride, at most MAX_PARTIALS programs), one finishing program
+    (EMA, qparams into scale / zp), then the elementwise fake quant reading them."""
     n = x.numel()
     p = min(triton.cdiv(n, K.RED_BLOCK), K.MAX_PARTIALS)
-    part = torch.empty(2 * p + 2, dtype=torch.float32, device=x.device)
-    K.minmax_partials_kernel[(p,)](x, part, minv, maxv, n, HAS_STATE=ema, BLOCK=K.RED_BLOCK,
+    part = torch.empty(2 * p, dtype=torch.float32, device=x.device)
+    K.minmax_partials_kernel[(p,)](x, part, part, part, n, HAS_STATE=False, BLOCK=K.RED_BLOCK,
                                    **_LAUNCH)
-    K.minmax_finish_fq_kernel[(triton.cdiv(n, K.BLOCK),)](
-        x, out, mask if save_mask else out, part, minv, maxv, scale, zp, n, p,
-        float(averaging_constant), float(quant_min), float(quant_max), float(eps),
-        _zp_sym(quant_min, quant_max), EMA=ema, SYMMETRIC=symmetric, SAVE_MASK=save_mask,
-        BLOCK=K.BLOCK, PBLOCK=max(2, triton.next_power_of_2(p)), **_LAUNCH)
+    K.minmax_qparams_kernel[(1,)](
+        part, p, minv, maxv, scale, zp, float(averaging_constant), float(quant_min),
+        float(quant_max), float(eps), _zp_sym(quant_min, quant_max), EMA=ema,
+        SYMMETRIC=symmetric, RECIP=_recip(x.device),
+        PBLOCK=min(K.MAX_PARTIALS, max(2, triton.next_power_of_2(p))), **_LAUNCH)
+    K.fq_forward_kernel[(triton.cdiv(n, K.BLOCK),)](
+        x, out, mask if save_mask else out, scale, zp, n, n, 1, float(quant_min),
+        float(quant_max), PER_CHANNEL=False, SPAN2=False, SAVE_MASK=save_mask, BLOCK=K.BLOCK,
+        **_LAUNCH)
 
 
 def _minmax_per_tensor(x, quant_min, quant_max, symmetric, eps, save_mask):
@@ -146,11 +167,12 @@ def _minmax_per_tensor(x, quant_min, quant_max, symmetric, eps, save_mask):
     mask = _mask_buffer(x.numel(), save_mask, x.device)
     scale = torch.empty(1, dtype=torch.float32, device=x.device)
     zp = torch.empty(1, dtype=torch.int32, device=x.device)
-    _minmax_two_launches(x, out, mask, scale, scale, scale, zp, 0.0, quant_min, quant_max,
-                         symmetric, eps, False, save_mask)
+    _minmax_per_tensor_launches(x, out, mask, scale, scale, scale, zp, 0.0, quant_min,
+                                quant_max, symmetric, eps, False, save_mask)
     return out, mask, scale, zp
 
 
+@triton_launcher
 def fq_moving_average_forward(x, min_val, max_val, scale, zero_point, averaging_constant,
                               quant_min, quant_max, symmetric, eps, observe, save_mask):
     n = x.numel()
@@ -159,6 +181,7 @@ def fq_moving_average_forward(x, min_val, max_val, scale, zero_point, averaging_
         return fq_forward(x, scale, zero_point, quant_min, quant_max, -1, save_mask)
     out = torch.empty_like(x)
     mask = _mask_buffer(n, save_mask, x.device)
-    _minmax_two_launches(x, out, mask, min_val, max_val, scale, zero_point, averaging_constant,
-                         quant_min, quant_max, symmetric, eps, True, save_mask)
+    _minmax_per_tensor_launches(x, out, mask, min_val, max_val, scale, zero_point,
+                                averaging_constant, quant_min, quant_max, symmetric, eps, True,
+                                save_mask)
     return out, mask
