@@ -31,6 +31,12 @@ _AUTO_ORDER = {
     "cpu": ("cpu", "reference"),
 }
 
+# Tensors of more elements than this are beyond the Triton kernels' 32-bit in-kernel offsets
+# (the fake-quant launchers check a slightly larger bound); "auto" gives them to the next
+# backend in its order (the CUDA extension uses 64-bit sizes). An explicit "triton" choice
+# gets the launcher's ValueError instead.
+TRITON_MAX_NUMEL = 2 ** 31 - 2 ** 16
+
 _state = threading.local()
 _global_choice: str | None = None
 
@@ -125,8 +131,10 @@ def backend_usable(name: str, device: torch.device) -> bool:
     return False
 
 
-def select(device: torch.device, supported: Sequence[str] = BACKENDS, op: str = "op") -> str:
-    """Backend to run `op` on `device`: the user's choice, or the best available one."""
+def select(device: torch.device, supported: Sequence[str] = BACKENDS, op: str = "op",
+           numel: int = 0) -> str:
+    """Backend to run `op` on `device`: the user's choice, or the best available one (for
+    "auto", one that can address a tensor of `numel` elements)."""
     choice = get_backend()
     dev = torch.device(device)
     if choice != "auto":
@@ -138,6 +146,8 @@ def select(device: torch.device, supported: Sequence[str] = BACKENDS, op: str = 
                                f"usable here: {usable_backends(dev, supported)}")
         return choice
     for name in _AUTO_ORDER.get(dev.type, ("reference",)):
+        if name == "triton" and numel > TRITON_MAX_NUMEL:
+            continue
         if name in supported and backend_usable(name, dev):
             return name
     return "reference"

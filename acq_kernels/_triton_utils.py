@@ -1,29 +1,6 @@
 """Small Triton helpers shared by the kernel families."""
-import functools
-import itertools
-
-import torch
 import triton
 import triton.language as tl
-
-
-def triton_launcher(fn):
-    """Decorator of every host function that launches Triton kernels: runs it with the CUDA
-    device of its first tensor argument (or tensor in a list argument) current. Triton launches on the current device
-    (torch.cuda.current_device()), so a tensor on cuda:1 while cuda:0 is current would be
-    read from the wrong device. CPU tensors (the interpreter) need no guard."""
-    @functools.wraps(fn)
-    def guarded(*args, **kwargs):
-        t = next((a for a in itertools.chain(args, kwargs.values(), *(
-                  a for a in itertools.chain(args, kwargs.values()) if isinstance(a, (list, tuple))))
-                  if isinstance(a, torch.Tensor)), None)
-        if t is not None and t.device.type == "cuda":
-            with torch.cuda.device(t.device):
-                return fn(*args, **kwargs)
-        return fn(*args, **kwargs)
-
-    guarded.device_guarded = True
-    return guarded
 
 
 @triton.jit

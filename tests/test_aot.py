@@ -1,5 +1,7 @@
 """Every Triton kernel compiles for real GPUs (sm_80, sm_90) on this CPU-only machine, and its
-PTX carries the performance intent: 128-bit global loads in streaming kernels, no spills."""
+PTX carries the performance intent: 128-bit global loads in streaming kernels (at odd sizes for
+the fake-quant family and 14x14 attention maps), no spills, no per-element divisions where a
+per-program one does."""
 import json
 import os
 import subprocess
@@ -39,3 +41,29 @@ def test_no_local_memory_spills(compiled):
     arch, results = compiled
     bad = [(r["name"], r["n_spills"]) for r in results if r["local_memory"] or r["n_spills"]]
     assert not bad, f"sm_{arch}: kernels using local memory / spilling: {bad}"
+
+
+def test_no_per_element_divisions(compiled):
+    """Kernels marked per_element_div=False (per-tensor and two-channel fake-quant blocks)
+    divide only per program: 1/scale and the channel index once, not per element."""
+    from acq_kernels._aot import MAX_SCALAR_DIVS
+    arch, results = compiled
+    checked = [r for r in results if r["per_element_div"] is False]
+    assert checked
+    bad = [(r["name"], r["div_rn"], r["int_div"]) for r in checked
+           if r["div_rn"] > MAX_SCALAR_DIVS or r["int_div"] > MAX_SCALAR_DIVS]
+    assert not bad, f"sm_{arch}: per-element divisions (name, div.rn, int div/rem): {bad}"
+    # and the check has teeth: the per-element gather variant does divide per element
+    gather = [r for r in results if r["per_element_div"] is True]
+    assert gather and all(r["div_rn"] > MAX_SCALAR_DIVS for r in gather)
+
+
+def test_fake_quant_streaming_specs_claim_no_aligned_sizes():
+    """The fake-quant streaming specs compile with sizes of unknown divisibility (odd numel,
+    channel stride), so their 128-bit loads hold for odd shapes too, not only for
+    16-divisible ones (Triton specialises a size divisible by 16 at launch)."""
+    from acq_kernels._aot import all_specs
+    for s in all_specs():
+        if s.streaming and s.name.startswith(("fq_", "minmax_")):
+            sizes = [a for a in s.aligned if not s.signature[a].startswith("*")]
+            assert not sizes, (s.name, sizes)

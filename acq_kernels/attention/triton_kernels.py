@@ -18,6 +18,9 @@ import triton.language as tl
 from .._aot import AotSpec
 
 EPS = tl.constexpr(1e-12)  # as reference.EPS
+# Passed to every launch and AOT spec (Triton 3.10 changes the default): FMA contraction on;
+# results are tolerance-tested against the reference, not bitwise.
+ENABLE_FP_FUSION = True
 
 
 @triton.jit
@@ -73,14 +76,19 @@ def _finalize_block(a, s, smask, W, H, n, amap_ptr, anorm_ptr, center_ptr, stats
 def _attn_map_kernel(f_ptr, a32_ptr, amap_ptr, anorm_ptr, center_ptr, stats_ptr,
                      C, HW, H, W, stride_n, stride_c, stride_s, n_hw_blocks, p,
                      CHANNELS_LAST: tl.constexpr, P_IS_TWO: tl.constexpr,
-                     FINALIZE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+                     FINALIZE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+                     VEC: tl.constexpr):
+    """HW, stride_n and stride_c come in units of VEC elements (see _vec_units)."""
+    HW = HW * VEC
+    stride_n = stride_n * VEC
+    stride_c = stride_c * VEC
     pid = tl.program_id(0)
-    n = pid // n_hw_blocks
+    n = (pid // n_hw_blocks).to(tl.int64)  # n * HW, n * stride_n may pass 2^31
     hb = pid % n_hw_blocks
     s = hb * BLOCK_HW + tl.arange(0, BLOCK_HW)
     smask = s < HW
     cs = tl.arange(0, BLOCK_C)
-    base = f_ptr + n.to(tl.int64) * stride_n
+    base = f_ptr + n * stride_n
     acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + cs
@@ -101,7 +109,7 @@ def _attn_map_kernel(f_ptr, a32_ptr, amap_ptr, anorm_ptr, center_ptr, stats_ptr,
 def _attn_finalize_kernel(a32_ptr, amap_ptr, anorm_ptr, center_ptr, stats_ptr, H, W,
                           BLOCK: tl.constexpr):
     """Second pass over the fp32 map of one sample when it spans several forward programs."""
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)
     HW = H * W
     row = a32_ptr + n * HW
     sq = tl.zeros([BLOCK], dtype=tl.float32)
@@ -136,7 +144,7 @@ def _attn_map_grad_kernel(a32_ptr, stats_ptr, ga_ptr, gn_ptr, gc_ptr, da_ptr, H,
                           BLOCK: tl.constexpr):
     """dA [N, HW] fp32 for one sample from the output grads (see reference.map_grad):
     dA = g_amap + (g_anorm - an <an, g_anorm>) / ||A|| + (gx (u - cx) + gy (v - cy)) / sum A."""
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)
     HW = H * W
     row = n * HW
     norm = tl.load(stats_ptr + n * 4)
@@ -187,11 +195,17 @@ def _attn_feat_grad_kernel(f_ptr, da_ptr, df_ptr, C, HW,
                            g_stride_n, g_stride_c, g_stride_s,
                            n_hw_blocks, scale, pm1,
                            CHANNELS_LAST: tl.constexpr, P_IS_TWO: tl.constexpr,
-                           BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+                           BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+                           VEC: tl.constexpr):
     """dF = dA[n, s] * scale * g(F); g = F (p == 2, scale = 2/C) or sign(F)|F|^(p-1)
-    (scale = p/C), 0 at F == 0."""
+    (scale = p/C), 0 at F == 0. HW and the n / c strides come in units of VEC elements."""
+    HW = HW * VEC
+    f_stride_n = f_stride_n * VEC
+    f_stride_c = f_stride_c * VEC
+    g_stride_n = g_stride_n * VEC
+    g_stride_c = g_stride_c * VEC
     pid = tl.program_id(0)
-    n = pid // n_hw_blocks
+    n = (pid // n_hw_blocks).to(tl.int64)
     hb = pid % n_hw_blocks
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     s = hb * BLOCK_HW + tl.arange(0, BLOCK_HW)
@@ -204,8 +218,7 @@ def _attn_feat_grad_kernel(f_ptr, da_ptr, df_ptr, C, HW,
     else:
         f_off = c[:, None] * f_stride_c + s[None, :]
         g_off = c[:, None] * g_stride_c + s[None, :]
-    nl = n.to(tl.int64)
-    x = tl.load(f_ptr + nl * f_stride_n + f_off, mask=m, other=0.0).to(tl.float32)
+    x = tl.load(f_ptr + n * f_stride_n + f_off, mask=m, other=0.0).to(tl.float32)
     if P_IS_TWO:
         g = x
     else:
@@ -213,7 +226,7 @@ def _attn_feat_grad_kernel(f_ptr, da_ptr, df_ptr, C, HW,
         mag = tl.exp(pm1 * tl.log(tl.where(x == 0.0, 1.0, tl.abs(x))))
         g = tl.where(x == 0.0, 0.0, tl.where(x > 0.0, mag, -mag))
     out = da[None, :] * g
-    tl.store(df_ptr + nl * g_stride_n + g_off, out.to(df_ptr.dtype.element_ty), mask=m)
+    tl.store(df_ptr + n * g_stride_n + g_off, out.to(df_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -268,14 +281,27 @@ def grad_blocks(C: int, HW: int, channels_last: bool):
     return map_blocks(C, HW, channels_last)
 
 
+def vec_units(element_size: int, channels_last: bool, *sizes: int) -> int:
+    """VEC for the NCHW kernels: the widest 16-byte-or-less element group dividing every size
+    (HW and the n / c strides), passed in units of it so Triton can prove rows start
+    VEC-aligned (14x14 fp32: 4 -> 128-bit loads; 7x7: 1). Triton itself only specialises
+    sizes divisible by 16. channels_last tiles vectorise along C instead: 1."""
+    vec = 1 if channels_last else max(1, 16 // element_size)
+    while vec > 1 and any(s % vec for s in sizes):
+        vec //= 2
+    return vec
+
+
 def _aot_specs():
+    import functools
+    AotSpec_ = functools.partial(AotSpec, options={"enable_fp_fusion": ENABLE_FP_FUSION})
     specs = []
     for dt, tag in (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16")):
         for cl in (False, True):
             lay = "nhwc" if cl else "nchw"
             # 64x56x56 (ResNet-18 stage 1): the streaming case that sets the bandwidth target.
             bc, bhw = map_blocks(64, 3136, cl)
-            specs.append(AotSpec(
+            specs.append(AotSpec_(
                 name=f"attn_map_fwd[{tag},{lay}]", kernel=_attn_map_kernel,
                 signature={"f_ptr": f"*{dt}", "a32_ptr": "*fp32", "amap_ptr": f"*{dt}",
                            "anorm_ptr": f"*{dt}", "center_ptr": f"*{dt}", "stats_ptr": "*fp32",
@@ -283,27 +309,52 @@ def _aot_specs():
                            "stride_c": "i32", "stride_s": "i32", "n_hw_blocks": "i32",
                            "p": "fp32", "CHANNELS_LAST": "constexpr", "P_IS_TWO": "constexpr",
                            "FINALIZE": "constexpr", "BLOCK_C": "constexpr",
-                           "BLOCK_HW": "constexpr"},
+                           "BLOCK_HW": "constexpr", "VEC": "constexpr"},
                 constexprs={"CHANNELS_LAST": cl, "P_IS_TWO": True, "FINALIZE": False,
-                            "BLOCK_C": bc, "BLOCK_HW": bhw},
+                            "BLOCK_C": bc, "BLOCK_HW": bhw, "VEC": 1},
                 aligned=("f_ptr", "a32_ptr", "C", "HW", "stride_n", "stride_c", "stride_s"),
                 streaming=True))
-            specs.append(AotSpec(
+            specs.append(AotSpec_(
                 name=f"attn_feat_grad[{tag},{lay}]", kernel=_attn_feat_grad_kernel,
                 signature={"f_ptr": f"*{dt}", "da_ptr": "*fp32", "df_ptr": f"*{dt}", "C": "i32",
                            "HW": "i32", "f_stride_n": "i32", "f_stride_c": "i32",
                            "f_stride_s": "i32", "g_stride_n": "i32", "g_stride_c": "i32",
                            "g_stride_s": "i32", "n_hw_blocks": "i32", "scale": "fp32",
                            "pm1": "fp32", "CHANNELS_LAST": "constexpr", "P_IS_TWO": "constexpr",
-                           "BLOCK_C": "constexpr", "BLOCK_HW": "constexpr"},
+                           "BLOCK_C": "constexpr", "BLOCK_HW": "constexpr", "VEC": "constexpr"},
                 constexprs={"CHANNELS_LAST": cl, "P_IS_TWO": True, "BLOCK_C": bc,
-                            "BLOCK_HW": bhw},
+                            "BLOCK_HW": bhw, "VEC": 1},
                 aligned=("f_ptr", "da_ptr", "df_ptr", "C", "HW", "f_stride_n", "f_stride_c",
                          "f_stride_s", "g_stride_n", "g_stride_c", "g_stride_s"),
                 streaming=True))
+    # 256x14x14 (ResNet-18 stage 3, NCHW): HW = 196 is not 16-divisible; in units of VEC = 4
+    # rows are provably 16-byte aligned, so the loads stay 128-bit.
+    bc, bhw = map_blocks(256, 196, False)
+    specs.append(AotSpec_(
+        name="attn_map_fwd[fp32,nchw,14x14]", kernel=_attn_map_kernel,
+        signature={"f_ptr": "*fp32", "a32_ptr": "*fp32", "amap_ptr": "*fp32",
+                   "anorm_ptr": "*fp32", "center_ptr": "*fp32", "stats_ptr": "*fp32",
+                   "C": "i32", "HW": "i32", "H": "i32", "W": "i32", "stride_n": "i32",
+                   "stride_c": "i32", "stride_s": "i32", "n_hw_blocks": "i32", "p": "fp32",
+                   "CHANNELS_LAST": "constexpr", "P_IS_TWO": "constexpr", "FINALIZE": "constexpr",
+                   "BLOCK_C": "constexpr", "BLOCK_HW": "constexpr", "VEC": "constexpr"},
+        constexprs={"CHANNELS_LAST": False, "P_IS_TWO": True, "FINALIZE": True, "BLOCK_C": bc,
+                    "BLOCK_HW": bhw, "VEC": vec_units(4, False, 196, 256 * 196, 196)},
+        aligned=("f_ptr", "a32_ptr"), streaming=True))
+    specs.append(AotSpec_(
+        name="attn_feat_grad[fp32,nchw,14x14]", kernel=_attn_feat_grad_kernel,
+        signature={"f_ptr": "*fp32", "da_ptr": "*fp32", "df_ptr": "*fp32", "C": "i32",
+                   "HW": "i32", "f_stride_n": "i32", "f_stride_c": "i32",
+                   "f_stride_s": "i32", "g_stride_n": "i32", "g_stride_c": "i32",
+                   "g_stride_s": "i32", "n_hw_blocks": "i32", "scale": "fp32",
+                   "pm1": "fp32", "CHANNELS_LAST": "constexpr", "P_IS_TWO": "constexpr",
+                   "BLOCK_C": "constexpr", "BLOCK_HW": "constexpr", "VEC": "constexpr"},
+        constexprs={"CHANNELS_LAST": False, "P_IS_TWO": True, "BLOCK_C": bc, "BLOCK_HW": bhw,
+                    "VEC": vec_units(4, False, 196, 256 * 196, 196)},
+        aligned=("f_ptr", "da_ptr", "df_ptr"), streaming=True))
     # 512x7x7 (ResNet-18 stage 4): one program covers the map, so it finalizes in place; general p.
     bc, bhw = map_blocks(512, 49, False)
-    specs.append(AotSpec(
+    specs.append(AotSpec_(
         name="attn_map_fwd_fused[fp32,nchw,p]", kernel=_attn_map_kernel,
         signature={"f_ptr": "*fp32", "a32_ptr": "*fp32", "amap_ptr": "*fp32",
                    "anorm_ptr": "*fp32", "center_ptr": "*fp32", "stats_ptr": "*fp32",
@@ -311,17 +362,17 @@ def _aot_specs():
                    "stride_c": "i32",
                    "stride_s": "i32", "n_hw_blocks": "i32", "p": "fp32",
                    "CHANNELS_LAST": "constexpr", "P_IS_TWO": "constexpr", "FINALIZE": "constexpr",
-                   "BLOCK_C": "constexpr", "BLOCK_HW": "constexpr"},
+                   "BLOCK_C": "constexpr", "BLOCK_HW": "constexpr", "VEC": "constexpr"},
         constexprs={"CHANNELS_LAST": False, "P_IS_TWO": False, "FINALIZE": True, "BLOCK_C": bc,
-                    "BLOCK_HW": bhw},
+                    "BLOCK_HW": bhw, "VEC": 1},
         aligned=("f_ptr",)))
-    specs.append(AotSpec(
+    specs.append(AotSpec_(
         name="attn_finalize[bf16]", kernel=_attn_finalize_kernel,
         signature={"a32_ptr": "*fp32", "amap_ptr": "*bf16", "anorm_ptr": "*bf16",
                    "center_ptr": "*bf16", "stats_ptr": "*fp32", "H": "i32", "W": "i32",
                    "BLOCK": "constexpr"},
         constexprs={"BLOCK": 1024}, aligned=("a32_ptr",)))
-    specs.append(AotSpec(
+    specs.append(AotSpec_(
         name="attn_map_grad[bf16]", kernel=_attn_map_grad_kernel,
         signature={"a32_ptr": "*fp32", "stats_ptr": "*fp32", "ga_ptr": "*bf16",
                    "gn_ptr": "*bf16", "gc_ptr": "*bf16", "da_ptr": "*fp32", "H": "i32",
@@ -329,12 +380,12 @@ def _aot_specs():
                    "BLOCK": "constexpr"},
         constexprs={"HAS_GA": True, "HAS_GN": True, "HAS_GC": True, "BLOCK": 1024},
         aligned=("a32_ptr", "da_ptr")))
-    specs.append(AotSpec(
+    specs.append(AotSpec_(
         name="pair_sq_dist_fwd[bf16]", kernel=_pair_sq_dist_fwd_kernel,
         signature={"a_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*fp32", "K": "i32",
                    "stride_a": "i32", "stride_b": "i32", "BLOCK": "constexpr"},
         constexprs={"BLOCK": 1024}, aligned=("a_ptr", "b_ptr", "K", "stride_a", "stride_b")))
-    specs.append(AotSpec(
+    specs.append(AotSpec_(
         name="pair_sq_dist_bwd[bf16]", kernel=_pair_sq_dist_bwd_kernel,
         signature={"a_ptr": "*bf16", "b_ptr": "*bf16", "g_ptr": "*fp32", "ga_ptr": "*bf16",
                    "gb_ptr": "*bf16", "K": "i32", "stride_a": "i32", "stride_b": "i32",

@@ -1,13 +1,21 @@
-"""Host-side launchers of the Triton attention kernels (shapes already validated)."""
+"""Host-side launchers of the Triton attention kernels (shapes already validated).
+
+Each runs under a device guard (Triton launches on the current CUDA device). Offsets within
+one sample are 32-bit (checked); the sample index is 64-bit in the kernels. FP fusion is set
+explicitly (Triton 3.10 changes its default): FMA contraction is allowed, the results are
+tolerance-tested against the reference.
+"""
 from __future__ import annotations
 
 import torch
 import triton
 
+from .._launch_guard import triton_launcher
 from . import triton_kernels as tk
 from .layout import grad_layout, input_layout
 
 _INT32_MAX = 2**31 - 1
+_LAUNCH = {"num_warps": 4, "enable_fp_fusion": tk.ENABLE_FP_FUSION}
 
 
 def _check_int32(t: torch.Tensor, name: str):
@@ -17,6 +25,7 @@ def _check_int32(t: torch.Tensor, name: str):
         raise ValueError(f"{name}: one sample spans more than 2^31 elements")
 
 
+@triton_launcher
 def map_forward(feat: torch.Tensor, p: float):
     """(amap, anorm, center, amap32 [N, HW] fp32, stats [N, 4] fp32)."""
     x, lay = input_layout(feat)
@@ -34,17 +43,19 @@ def map_forward(feat: torch.Tensor, p: float):
     bc, bhw = tk.map_blocks(C, HW, lay.channels_last)
     n_hw = triton.cdiv(HW, bhw)
     fused = n_hw == 1
+    v = tk.vec_units(x.element_size(), lay.channels_last, HW, lay.stride_n, lay.stride_c)
     tk._attn_map_kernel[(N * n_hw,)](
-        x, a32, amap, anorm, center, stats, C, HW, H, W,
-        lay.stride_n, lay.stride_c, lay.stride_s, n_hw, float(p),
+        x, a32, amap, anorm, center, stats, C, HW // v, H, W,
+        lay.stride_n // v, lay.stride_c // v, lay.stride_s, n_hw, float(p),
         CHANNELS_LAST=lay.channels_last, P_IS_TWO=(p == 2), FINALIZE=fused,
-        BLOCK_C=bc, BLOCK_HW=bhw, num_warps=4)
+        BLOCK_C=bc, BLOCK_HW=bhw, VEC=v, **_LAUNCH)
     if not fused:
         tk._attn_finalize_kernel[(N,)](a32, amap, anorm, center, stats, H, W,
-                                       BLOCK=min(1024, triton.next_power_of_2(HW)), num_warps=4)
+                                       BLOCK=min(1024, triton.next_power_of_2(HW)), **_LAUNCH)
     return amap, anorm, center, a32, stats
 
 
+@triton_launcher
 def feat_backward(feat: torch.Tensor, dA: torch.Tensor, p: float, out: torch.Tensor):
     """Writes dF into `out` (allocated with layout.empty_grad(feat))."""
     x, lay = input_layout(feat)
@@ -59,14 +70,17 @@ def feat_backward(feat: torch.Tensor, dA: torch.Tensor, p: float, out: torch.Ten
     n_hw = triton.cdiv(HW, bhw)
     dA = dA.to(torch.float32).contiguous()
     scale = 2.0 / C if p == 2 else float(p) / C
+    v = tk.vec_units(x.element_size(), lay.channels_last, HW, lay.stride_n, lay.stride_c,
+                     glay.stride_n, glay.stride_c)
     tk._attn_feat_grad_kernel[(N * n_hw, triton.cdiv(C, bc))](
-        x, dA, out, C, HW, lay.stride_n, lay.stride_c, lay.stride_s,
-        glay.stride_n, glay.stride_c, glay.stride_s, n_hw, scale, float(p) - 1.0,
-        CHANNELS_LAST=lay.channels_last, P_IS_TWO=(p == 2), BLOCK_C=bc, BLOCK_HW=bhw,
-        num_warps=4)
+        x, dA, out, C, HW // v, lay.stride_n // v, lay.stride_c // v, lay.stride_s,
+        glay.stride_n // v, glay.stride_c // v, glay.stride_s, n_hw, scale, float(p) - 1.0,
+        CHANNELS_LAST=lay.channels_last, P_IS_TWO=(p == 2), BLOCK_C=bc, BLOCK_HW=bhw, VEC=v,
+        **_LAUNCH)
     return out
 
 
+@triton_launcher
 def map_grad(a32, stats, H, W, grad_amap, grad_anorm, grad_center):
     """dL/dA [N, HW] fp32 from the output grads (None: no grad), one small launch."""
     N, HW = a32.shape
@@ -82,7 +96,7 @@ def map_grad(a32, stats, H, W, grad_amap, grad_anorm, grad_center):
     tk._attn_map_grad_kernel[(N,)](
         a32, stats.contiguous(), ga if ga is not None else dA, gn if gn is not None else dA,
         gc if gc is not None else dA, dA, H, W, HAS_GA=ga is not None, HAS_GN=gn is not None,
-        HAS_GC=gc is not None, BLOCK=min(1024, triton.next_power_of_2(HW)), num_warps=4)
+        HAS_GC=gc is not None, BLOCK=min(1024, triton.next_power_of_2(HW)), **_LAUNCH)
     return dA
 
 
@@ -90,6 +104,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+@triton_launcher
 def pair_sq_dist(a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """Per-row squared distance [N] fp32; b None: a is [2N, K] and its halves are compared."""
     a = _rows(a)
@@ -104,10 +119,11 @@ def pair_sq_dist(a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         b_view = _rows(b)
         sb = b_view.stride(0)
     tk._pair_sq_dist_fwd_kernel[(N,)](a, b_view, out, K, a.stride(0), sb,
-                                      BLOCK=min(1024, triton.next_power_of_2(max(K, 1))))
+                                      BLOCK=min(1024, triton.next_power_of_2(max(K, 1))), **_LAUNCH)
     return out
 
 
+@triton_launcher
 def pair_sq_dist_backward(a, b, g, want_b: bool):
     """(ga, gb) with ga = 2 (a - b) g, gb = -ga; b None: ga is for the stacked [2N, K] a."""
     a = _rows(a)
@@ -120,7 +136,7 @@ def pair_sq_dist_backward(a, b, g, want_b: bool):
         if N:
             tk._pair_sq_dist_bwd_kernel[(N,)](a, a[N:], g, ga, ga[N:], K, a.stride(0),
                                               a.stride(0), ga.stride(0), ga.stride(0),
-                                              WRITE_A=True, WRITE_B=True, BLOCK=block)
+                                              WRITE_A=True, WRITE_B=True, BLOCK=block, **_LAUNCH)
         return ga, a.new_empty(0)
     b = _rows(b)
     N = a.shape[0]
@@ -131,5 +147,5 @@ def pair_sq_dist_backward(a, b, g, want_b: bool):
         tk._pair_sq_dist_bwd_kernel[(N,)](a, b, g, ga, gb if want_b else ga, K, a.stride(0),
                                           b.stride(0), ga.stride(0),
                                           gb.stride(0) if want_b else 0,
-                                          WRITE_A=True, WRITE_B=want_b, BLOCK=block)
+                                          WRITE_A=True, WRITE_B=want_b, BLOCK=block, **_LAUNCH)
     return ga, gb

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .. import _backend, _extension
+from .._launch_guard import triton_launcher
 from . import plan as _plan
 from . import reference as _ref
 
@@ -120,6 +121,7 @@ def _offsets_table(offs_list, vec, device):
     return host.to(device, non_blocking=True)
 
 
+@triton_launcher
 def _triton_forward(xs):
     from . import triton_kernels as tk
     plan = _plan.get_plan(xs, _backend.triton_interpret())
@@ -132,13 +134,16 @@ def _triton_forward(xs):
     for v, tiles in groups:  # one launch, or two when some layers are not vec-aligned
         tk.bn_partial_kernel[(tiles.shape[0],)](
             base, table[0 if v > 1 else 1], tiles, part, plan.n_slots, shift,
-            BLOCK_R=plan.block_r, BLOCK_I=plan.block_i, VEC=v)
+            BLOCK_R=plan.block_r, BLOCK_I=plan.block_i, VEC=v,
+            enable_fp_fusion=tk.ENABLE_FP_FUSION)
     out = torch.empty(2, plan.total_c, dtype=torch.float32, device=base.device)
     tk.bn_combine_kernel[(plan.combine.shape[0],)](
-        part, plan.n_slots, shift, plan.combine, out, plan.total_c, BLOCK_C=tk.BLOCK_C)
+        part, plan.n_slots, shift, plan.combine, out, plan.total_c, BLOCK_C=tk.BLOCK_C,
+        enable_fp_fusion=tk.ENABLE_FP_FUSION)
     return out
 
 
+@triton_launcher
 def _triton_grad(xs, coef):
     from . import triton_kernels as tk
     plan = _plan.get_plan(xs, _backend.triton_interpret())
@@ -153,7 +158,8 @@ def _triton_grad(xs, coef):
         r = 0 if v > 1 else 1
         tk.bn_backward_kernel[(tiles.shape[0],)](
             xb, table[r], db, table[2 + r], tiles, coef, plan.total_c,
-            BLOCK_R=plan.block_r, BLOCK_I=plan.block_i, VEC=v)
+            BLOCK_R=plan.block_r, BLOCK_I=plan.block_i, VEC=v,
+            enable_fp_fusion=tk.ENABLE_FP_FUSION)
     return dxs
 
 

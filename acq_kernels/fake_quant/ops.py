@@ -41,7 +41,8 @@ def _supported(x: Tensor, name: str) -> tuple:
 
 def _impl(x: Tensor, name: str):
     """The function implementing contract op `name` for x's device on the selected backend."""
-    backend = _backend.select(x.device, supported=_supported(x, name), op=f"fake_quant.{name}")
+    backend = _backend.select(x.device, supported=_supported(x, name), op=f"fake_quant.{name}",
+                              numel=x.numel())
     if backend == "reference":
         return getattr(reference, name)
     if backend == "triton":

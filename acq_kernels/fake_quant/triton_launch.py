@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .._triton_utils import triton_launcher
+from .._launch_guard import triton_launcher
 from . import triton_kernels as K
 
 _LAUNCH = {"num_warps": K.NUM_WARPS, "enable_fp_fusion": False}
