@@ -139,7 +139,7 @@ def _triton_forward(xs):
     out = torch.empty(2, plan.total_c, dtype=torch.float32, device=base.device)
     tk.bn_combine_kernel[(plan.combine.shape[0],)](
         part, plan.n_slots, shift, plan.combine, out, plan.total_c, BLOCK_C=tk.BLOCK_C,
-        enable_fp_fusion=tk.ENABLE_FP_FUSION)
+        BLOCK_P=tk.BLOCK_P, enable_fp_fusion=tk.ENABLE_FP_FUSION)
     return out
 
 

@@ -43,6 +43,7 @@ def _chan_merge(cnt, mean, m2, nb, bmean, bm2):
     return tot, mean + delta * w, m2 + bm2 + delta * delta * cnt * w
 BLOCK_I = 64      # lanes (contiguous elements) of a tile
 BLOCK_C = 128     # channels per combine program
+BLOCK_P = 16      # partial rows per combine step (merged as a tree)
 
 
 @triton.jit
@@ -120,9 +121,14 @@ def bn_partial_kernel(x_ptr, layer_off_ptr, tiles_ptr, part_ptr, n_slots, shift_
 
 @triton.jit
 def bn_combine_kernel(part_ptr, n_slots, shift_ptr, combine_ptr, out_ptr, total_c,
-                      BLOCK_C: tl.constexpr):
-    """One program per block of channels of one layer: Chan-merges the layer's P partial rows
-    into mean and biased variance, written to out [2, total_c] (mean row, var row)."""
+                      BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """One program per block of channels of one layer: merges the layer's P partial rows into
+    mean and biased variance, written to out [2, total_c] (mean row, var row). The partials
+    are read BLOCK_P rows at a time ([BLOCK_P, BLOCK_C] tiles, coalesced along the channels);
+    a tile is combined in closed form with tree reductions (count = sum n_i, mean = sum n_i
+    m_i / count, M2 = sum M2_i + sum n_i (m_i - mean)^2), then Chan-merged into the running
+    result: cdiv(P, BLOCK_P) steps instead of P serial merges.
+    """
     p = tl.program_id(0).to(tl.int64)
     d = combine_ptr + p * 5
     pbase = tl.load(d + 0)
@@ -132,15 +138,22 @@ def bn_combine_kernel(part_ptr, n_slots, shift_ptr, combine_ptr, out_ptr, total_
     c0 = tl.load(d + 4)
     ch = c0 + tl.arange(0, BLOCK_C)
     cm = ch < c_layer
+    rows = tl.arange(0, BLOCK_P)
     cnt = tl.zeros([BLOCK_C], dtype=tl.float32)
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for j in range(0, n_part):
-        s = pbase + j * c_layer + ch
-        nb = tl.load(part_ptr + s, mask=cm, other=0.0)
-        mb = tl.load(part_ptr + n_slots + s, mask=cm, other=0.0)
-        qb = tl.load(part_ptr + 2 * n_slots + s, mask=cm, other=0.0)
-        cnt, mean, m2 = _chan_merge(cnt, mean, m2, nb, mb, qb)
+    for j0 in range(0, n_part, BLOCK_P):
+        j = j0 + rows
+        m = (j < n_part)[:, None] & cm[None, :]
+        s = pbase + j[:, None].to(tl.int64) * c_layer + ch[None, :]
+        nb = tl.load(part_ptr + s, mask=m, other=0.0)  # masked rows: count 0, merge no-ops
+        mb = tl.load(part_ptr + n_slots + s, mask=m, other=0.0)
+        qb = tl.load(part_ptr + 2 * n_slots + s, mask=m, other=0.0)
+        tn = tl.sum(nb, axis=0)
+        tm = tl.sum(nb * mb, axis=0) / tl.maximum(tn, 1.0)
+        dev = tl.where(m, mb - tm[None, :], 0.0)
+        tq = tl.sum(qb, axis=0) + tl.sum(nb * dev * dev, axis=0)
+        cnt, mean, m2 = _chan_merge(cnt, mean, m2, tn, tm, tq)
     var = m2 / tl.maximum(cnt, 1.0)
     k = tl.load(shift_ptr + cbase + ch, mask=cm, other=0.0)
     tl.store(out_ptr + cbase + ch, mean + k, mask=cm)
@@ -227,8 +240,9 @@ def _aot_specs():
     specs.append(AotSpec_(
         name="bn_combine", kernel=bn_combine_kernel,
         signature={"part_ptr": "*fp32", "n_slots": "i64", "shift_ptr": "*fp32", "combine_ptr": "*i64",
-                   "out_ptr": "*fp32", "total_c": "i64", "BLOCK_C": "constexpr"},
-        constexprs={"BLOCK_C": BLOCK_C},
+                   "out_ptr": "*fp32", "total_c": "i64", "BLOCK_C": "constexpr",
+                   "BLOCK_P": "constexpr"},
+        constexprs={"BLOCK_C": BLOCK_C, "BLOCK_P": BLOCK_P},
         aligned=("part_ptr", "shift_ptr", "combine_ptr", "out_ptr")))
     return specs
 
