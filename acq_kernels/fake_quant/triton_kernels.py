@@ -22,6 +22,7 @@ from .._triton_utils import round_half_even as _rne
 BLOCK = 2048          # elementwise block: 16 fp32 per thread at 4 warps -> 128-bit accesses
 RED_BLOCK = 2048      # reduction block
 MAX_PARTIALS = 1024   # programs of a partial reduction (one finishing block holds all partials)
+PERIOD_BLOCK_W = 256  # per-channel fake quant over short channel runs: tile width (columns)
 ROW_BLOCK_MAX = 4096  # per-channel min/max: a channel up to this size is read once, in one block
 NUM_WARPS = 4
 
@@ -137,6 +138,39 @@ def fq_forward_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, zp_ptr, N, CH_STRIDE,
     else:
         _fq_block(x_ptr, out_ptr, mask_ptr, offs, offs < N, s, inv, zp, qmin, qmax, start // 8,
                   (N + 7) // 8, SAVE_MASK, True, BLOCK)
+
+
+@triton.jit
+def fq_forward_period_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, zp_ptr, R, W, CH_STRIDE,
+                             n_wb, qmin, qmax, SAVE_MASK: tl.constexpr, BLOCK_R: tl.constexpr,
+                             BLOCK_W: tl.constexpr):
+    """Per-channel fake quant with short channel runs (channels_last, [N, C], small NCHW
+    maps): x seen as [R, W] rows of one channel period (W = NUM_CH * CH_STRIDE), tiled
+    [BLOCK_R, BLOCK_W]; grid (cdiv(R, BLOCK_R) * n_wb,). The channel, scale and 1/scale are
+    per column (one divide per column per program, not per element); loads are contiguous
+    along a row. With SAVE_MASK the launcher ensures W % 8 == 0, so rows own whole bytes."""
+    pid = tl.program_id(0)
+    rb = pid // n_wb
+    wb = pid % n_wb
+    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    j = wb * BLOCK_W + tl.arange(0, BLOCK_W)
+    jv = j < W
+    ch = tl.where(jv, j, 0) // CH_STRIDE
+    s = tl.load(scale_ptr + ch)
+    zp = tl.load(zp_ptr + ch).to(tl.float32)
+    inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    rv = r < R
+    offs = tl.where(rv, r, 0)[:, None] * W + j[None, :]  # masked rows: no offset past N
+    valid = rv[:, None] & jv[None, :]
+    x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    out, in_range = _fq_math(x, s[None, :], inv[None, :], zp[None, :], qmin, qmax)
+    tl.store(out_ptr + offs, _round_to(out, out_ptr.dtype.element_ty), mask=valid)
+    if SAVE_MASK:
+        bits = tl.reshape((in_range & valid).to(tl.int32), (BLOCK_R, BLOCK_W // 8, 8))
+        packed = tl.sum(bits << tl.arange(0, 8)[None, None, :], axis=2).to(tl.uint8)
+        jb = wb * (BLOCK_W // 8) + tl.arange(0, BLOCK_W // 8)
+        bidx = tl.where(rv, r, 0)[:, None] * (W // 8) + jb[None, :]
+        tl.store(mask_ptr + bidx, packed, mask=rv[:, None] & (jb < W // 8)[None, :])
 
 
 @triton.jit
@@ -415,6 +449,19 @@ def _aot_specs() -> list:
                 aligned=("x_ptr", "out_ptr", "mask_ptr"), streaming=True,
                 # per-tensor / two-channel blocks: 1/scale and the channel once per program
                 per_element_div=mode == "per_channel_gather", num_warps=NUM_WARPS))
+        specs.append(spec(
+            # channels_last per channel (W = C = 64 columns; rows R odd)
+            name=f"fq_forward_period[{tn}]", kernel=fq_forward_period_kernel,
+            signature={"x_ptr": tp, "out_ptr": tp, "mask_ptr": "*u8", "scale_ptr": "*fp32",
+                       "zp_ptr": "*i32", "R": "i32", "W": "i32", "CH_STRIDE": "constexpr",
+                       "n_wb": "i32", "qmin": "fp32", "qmax": "fp32", "SAVE_MASK": "constexpr",
+                       "BLOCK_R": "constexpr", "BLOCK_W": "constexpr"},
+            constexprs={"SAVE_MASK": True, "CH_STRIDE": 1, "BLOCK_R": BLOCK // 64,
+                        "BLOCK_W": 64},
+            # 1/scale once per column a thread holds (1/4 .. 1/2 per element), no integer
+            # divide per element: not held to the per-program bound
+            aligned=("x_ptr", "out_ptr", "mask_ptr", "W"), streaming=True,
+            num_warps=NUM_WARPS))
         specs.append(spec(
             name=f"fq_mask_backward[{tn}]", kernel=fq_mask_backward_kernel,
             signature={"g_ptr": tp, "mask_ptr": "*u8", "out_ptr": tp, "N": "i32",

@@ -54,6 +54,17 @@ def fq_forward(x, scale, zero_point, quant_min, quant_max, axis, save_mask):
         return out, mask
     cs, nc = _channel_geometry(x, axis)
     per_channel = axis >= 0 and nc > 1
+    w = nc * cs  # the channel period in memory
+    if per_channel and cs < K.BLOCK and (w % 8 == 0 or not save_mask):
+        # short channel runs: [rows, period] tiles with per-column qparams
+        bw = min(triton.next_power_of_2(w), K.PERIOD_BLOCK_W)
+        br = max(1, K.BLOCK // bw)
+        n_wb = triton.cdiv(w, bw)
+        K.fq_forward_period_kernel[(triton.cdiv(n // w, br) * n_wb,)](
+            x, out, mask if save_mask else out, scale, zero_point, n // w, w, cs, n_wb,
+            float(quant_min), float(quant_max), SAVE_MASK=save_mask, BLOCK_R=br, BLOCK_W=bw,
+            **_LAUNCH)
+        return out, mask
     K.fq_forward_kernel[(triton.cdiv(n, K.BLOCK),)](
         x, out, mask if save_mask else out, scale, zero_point, n, cs, nc, float(quant_min),
         float(quant_max), PER_CHANNEL=per_channel, SPAN2=per_channel and cs >= K.BLOCK,
