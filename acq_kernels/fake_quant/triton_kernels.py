@@ -22,6 +22,8 @@ from .._triton_utils import round_half_even as _rne
 BLOCK = 2048          # elementwise block: 16 fp32 per thread at 4 warps -> 128-bit accesses
 RED_BLOCK = 2048      # reduction block
 MAX_PARTIALS = 1024   # programs of a partial reduction (one finishing block holds all partials)
+CI_BLOCK_C = 64       # channel-innermost reductions: channels per program (contiguous)
+CI_BLOCK_R = 32       # ... and rows per step
 PERIOD_BLOCK_W = 256  # per-channel fake quant over short channel runs: tile width (columns)
 ROW_BLOCK_MAX = 4096  # per-channel min/max: a channel up to this size is read once, in one block
 NUM_WARPS = 4
@@ -425,6 +427,96 @@ def minmax_qparams_kernel(part_ptr, P, minv_ptr, maxv_ptr, scale_ptr, zp_ptr,
     tl.store(zp_ptr, zp.to(tl.int32))
 
 
+# --- channel-innermost reductions (channels_last axis 1, [N, C] axis 1: CH_STRIDE == 1) ------
+# x is [R, C] rows; program (cb, p) reads [CI_BLOCK_R, BLOCK_C] tiles of rows p, p + P, ...
+# (coalesced along the channels) and writes one partial per channel: part[p, c].
+
+@triton.jit
+def fq_lsq_backward_cinner_kernel(g_ptr, x_ptr, dx_ptr, scale_ptr, zp_ptr, part_ptr, R, C,
+                                  qmin, qmax, grad_factor, BLOCK_R: tl.constexpr,
+                                  BLOCK_C: tl.constexpr):
+    """fq_lsq_backward_kernel for a channel-innermost x: same math, same part layout
+    ([P, C] dscale partials, then [P, C] dzero_point partials); grid (cdiv(C, BLOCK_C), P)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = tl.program_id(1)
+    P = tl.num_programs(1)
+    cv = c < C
+    cc = tl.where(cv, c, 0)
+    s = tl.load(scale_ptr + cc)[None, :]
+    zp = tl.load(zp_ptr + cc)[None, :]
+    inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    ds_lo = qmin - zp
+    ds_hi = qmax - zp
+    acc_s = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    acc_z = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for r0 in tl.range(p * BLOCK_R, R, P * BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        valid = (r < R)[:, None] & cv[None, :]
+        o = tl.where(r < R, r, 0)[:, None] * C + c[None, :]
+        x = tl.load(x_ptr + o, mask=valid, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + o, mask=valid, other=0.0).to(tl.float32)
+        q = _rne(zp + x * inv)  # torch's backward adds the zero point before rounding
+        lo = q < qmin
+        hi = q > qmax
+        in_range = (q >= qmin) & (q <= qmax)
+        tl.store(dx_ptr + o, _round_to(g * in_range.to(tl.float32), dx_ptr.dtype.element_ty),
+                 mask=valid)
+        qc = tl.where(lo, qmin, tl.where(hi, qmax, q))
+        xfq = (qc - zp) * s
+        ds_in = g * (xfq - x) * inv * grad_factor
+        ds_out = tl.where(lo, g * ds_lo, g * ds_hi) * grad_factor
+        dz_out = g * -1.0 * s * grad_factor
+        clipped = lo | hi
+        acc_s += tl.where(valid, tl.where(clipped, ds_out, ds_in), 0.0)
+        acc_z += tl.where(valid & clipped, dz_out, 0.0)
+    tl.store(part_ptr + p * C + c, tl.sum(acc_s, axis=0), mask=cv)
+    tl.store(part_ptr + (P + p) * C + c, tl.sum(acc_z, axis=0), mask=cv)
+
+
+@triton.jit
+def minmax_cinner_partials_kernel(x_ptr, part_ptr, R, C, BLOCK_R: tl.constexpr,
+                                  BLOCK_C: tl.constexpr):
+    """Per-channel min/max partials of a channel-innermost x: part[p, c] (min) and
+    part[P + p, c] (max); grid (cdiv(C, BLOCK_C), P)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = tl.program_id(1)
+    P = tl.num_programs(1)
+    cv = c < C
+    vmin = tl.full([BLOCK_R, BLOCK_C], float("inf"), tl.float32)
+    vmax = tl.full([BLOCK_R, BLOCK_C], float("-inf"), tl.float32)
+    for r0 in tl.range(p * BLOCK_R, R, P * BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        valid = (r < R)[:, None] & cv[None, :]
+        o = tl.where(r < R, r, 0)[:, None] * C + c[None, :]
+        x = tl.load(x_ptr + o, mask=valid, other=0.0).to(tl.float32)
+        vmin = tl.minimum(vmin, tl.where(valid, x, float("inf")))
+        vmax = tl.maximum(vmax, tl.where(valid, x, float("-inf")))
+    tl.store(part_ptr + p * C + c, tl.min(vmin, axis=0), mask=cv)
+    tl.store(part_ptr + (P + p) * C + c, tl.max(vmax, axis=0), mask=cv)
+
+
+@triton.jit
+def minmax_cinner_qparams_kernel(part_ptr, P, C, scale_ptr, zp_ptr, qmin, qmax, eps, zp_sym,
+                                 SYMMETRIC: tl.constexpr, RECIP: tl.constexpr,
+                                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Reduces the [P, C] partials of minmax_cinner_partials_kernel to per-channel qparams;
+    grid (cdiv(C, BLOCK_C),)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cv = c < C
+    vmin = tl.full([BLOCK_P, BLOCK_C], float("inf"), tl.float32)
+    vmax = tl.full([BLOCK_P, BLOCK_C], float("-inf"), tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        pi = p0 + tl.arange(0, BLOCK_P)
+        m = (pi < P)[:, None] & cv[None, :]
+        o = pi[:, None] * C + c[None, :]
+        vmin = tl.minimum(vmin, tl.load(part_ptr + o, mask=m, other=float("inf")))
+        vmax = tl.maximum(vmax, tl.load(part_ptr + P * C + o, mask=m, other=float("-inf")))
+    scale, zp = _qparams(tl.min(vmin, axis=0), tl.max(vmax, axis=0), qmin, qmax, eps, zp_sym,
+                         SYMMETRIC, RECIP)
+    tl.store(scale_ptr + c, scale, mask=cv)
+    tl.store(zp_ptr + c, zp.to(tl.int32), mask=cv)
+
+
 # ---------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs (acq_kernels._aot): fp32 and bf16 variants of streaming kernels.
 _T = {"fp32": "*fp32", "bf16": "*bf16"}
@@ -504,6 +596,30 @@ def _aot_specs() -> list:
                             "RECIP": True},
                 aligned=("x_ptr", "out_ptr", "mask_ptr", "M", "CH_STRIDE"), streaming=False,
                 num_warps=NUM_WARPS))
+        # channel-innermost reductions over [R, C] rows (C = 64 channels, R odd)
+        specs.append(spec(
+            name=f"fq_lsq_backward_cinner[{tn}]", kernel=fq_lsq_backward_cinner_kernel,
+            signature={"g_ptr": tp, "x_ptr": tp, "dx_ptr": tp, "scale_ptr": "*fp32",
+                       "zp_ptr": "*fp32", "part_ptr": "*fp32", "R": "i32", "C": "i32",
+                       "qmin": "fp32", "qmax": "fp32", "grad_factor": "fp32",
+                       "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
+            constexprs={"BLOCK_R": CI_BLOCK_R, "BLOCK_C": CI_BLOCK_C},
+            aligned=("g_ptr", "x_ptr", "dx_ptr", "part_ptr", "C"), streaming=True,
+            num_warps=NUM_WARPS))
+        specs.append(spec(
+            name=f"minmax_cinner_partials[{tn}]", kernel=minmax_cinner_partials_kernel,
+            signature={"x_ptr": tp, "part_ptr": "*fp32", "R": "i32", "C": "i32",
+                       "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
+            constexprs={"BLOCK_R": CI_BLOCK_R, "BLOCK_C": CI_BLOCK_C},
+            aligned=("x_ptr", "part_ptr", "C"), streaming=True, num_warps=NUM_WARPS))
+    specs.append(spec(
+        name="minmax_cinner_qparams", kernel=minmax_cinner_qparams_kernel,
+        signature={"part_ptr": "*fp32", "P": "i32", "C": "i32", "scale_ptr": "*fp32",
+                   "zp_ptr": "*i32", "qmin": "fp32", "qmax": "fp32", "eps": "fp32",
+                   "zp_sym": "fp32", "SYMMETRIC": "constexpr", "RECIP": "constexpr",
+                   "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"},
+        constexprs={"SYMMETRIC": False, "RECIP": True, "BLOCK_P": 16, "BLOCK_C": CI_BLOCK_C},
+        aligned=("part_ptr", "C"), num_warps=NUM_WARPS))
     for symmetric in (False, True):
         specs.append(spec(
             name=f"minmax_qparams[{'symmetric' if symmetric else 'affine'}]",

@@ -84,6 +84,19 @@ def fq_mask_backward(grad, mask):
     return out
 
 
+def _channel_innermost(cs: int, nc: int) -> bool:
+    """Channels are the contiguous axis (channels_last axis 1, [N, C] axis 1): per-channel
+    reductions read [rows, channels] tiles instead of one strided channel per program."""
+    return cs == 1 and nc > 1
+
+
+def _cinner_programs(rows: int, channels: int) -> int:
+    """Row-partial programs of a channel-innermost reduction (grid axis 1): about
+    MAX_PARTIALS programs in all, each at least CI_BLOCK_R rows."""
+    per_c = max(1, K.MAX_PARTIALS // triton.cdiv(channels, K.CI_BLOCK_C))
+    return max(1, min(triton.cdiv(rows, K.CI_BLOCK_R), per_c))
+
+
 def _partial_programs(m: int, channels: int) -> int:
     """Programs per channel for reductions: enough to fill a GPU, few enough that the
     [P, C] partials stay tiny next to x."""
@@ -109,6 +122,13 @@ def fq_learnable_backward(grad, x, scale, zero_point, quant_min, quant_max, axis
         return dx, z, z.clone()
     cs, nc = _channel_geometry(x, axis)
     m = n // channels
+    if _channel_innermost(cs, nc):
+        p = _cinner_programs(m, channels)
+        part = torch.empty((2 * p, channels), dtype=torch.float32, device=x.device)
+        K.fq_lsq_backward_cinner_kernel[(triton.cdiv(channels, K.CI_BLOCK_C), p)](
+            grad, x, dx, s, zp, part, m, channels, float(quant_min), float(quant_max),
+            float(grad_factor), BLOCK_R=K.CI_BLOCK_R, BLOCK_C=K.CI_BLOCK_C, **_LAUNCH)
+        return dx, part[:p].sum(0), part[p:].sum(0)
     p = _partial_programs(m, channels)
     part = torch.empty((2 * p, channels), dtype=torch.float32, device=x.device)
     K.fq_lsq_backward_kernel[(channels, p)](grad, x, dx, s, zp, part, m, cs, nc,
@@ -135,10 +155,21 @@ def fq_minmax_forward(x, axis, quant_min, quant_max, symmetric, eps, save_mask):
         return _minmax_per_tensor(x, quant_min, quant_max, symmetric, eps, save_mask)
     m = n // channels
     cs = max(x.stride(axis), 1)  # any stride works for a size-1 axis; avoid 0
-    out = torch.empty_like(x)
-    mask = _mask_buffer(n, save_mask, x.device)
     scale = torch.empty(channels, dtype=torch.float32, device=x.device)
     zp = torch.empty(channels, dtype=torch.int32, device=x.device)
+    if _channel_innermost(cs, channels):  # coalesced partials, per-channel qparams, fake quant
+        p = _cinner_programs(m, channels)
+        part = torch.empty((2 * p, channels), dtype=torch.float32, device=x.device)
+        K.minmax_cinner_partials_kernel[(triton.cdiv(channels, K.CI_BLOCK_C), p)](
+            x, part, m, channels, BLOCK_R=K.CI_BLOCK_R, BLOCK_C=K.CI_BLOCK_C, **_LAUNCH)
+        K.minmax_cinner_qparams_kernel[(triton.cdiv(channels, K.CI_BLOCK_C),)](
+            part, p, channels, scale, zp, float(quant_min), float(quant_max), float(eps),
+            _zp_sym(quant_min, quant_max), SYMMETRIC=symmetric, RECIP=_recip(x.device),
+            BLOCK_P=16, BLOCK_C=K.CI_BLOCK_C, **_LAUNCH)
+        out, mask = fq_forward(x, scale, zp, quant_min, quant_max, axis, save_mask)
+        return out, mask, scale, zp
+    out = torch.empty_like(x)
+    mask = _mask_buffer(n, save_mask, x.device)
     # Fused (one launch): each channel is one contiguous memory range owning whole mask bytes.
     fused = cs == m and (m % 8 == 0 or not save_mask)
     single = m <= K.ROW_BLOCK_MAX
