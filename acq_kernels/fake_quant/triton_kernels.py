@@ -323,7 +323,10 @@ def fq_minmax_channel_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, zp_ptr, M, CH_
     if SINGLE:
         m = tl.arange(0, BLOCK)
         valid = m < M
-        o = _channel_offsets(m, c, CH_STRIDE, NUM_CH, True)
+        if FUSED:
+            o = c * M + m  # the channel is one contiguous range: no per-element divide
+        else:
+            o = _channel_offsets(m, c, CH_STRIDE, NUM_CH, True)
         x = tl.load(x_ptr + o, mask=valid, other=0.0).to(tl.float32)
         mn = tl.min(tl.where(valid, x, float("inf")), axis=0)
         mx = tl.max(tl.where(valid, x, float("-inf")), axis=0)
@@ -333,7 +336,10 @@ def fq_minmax_channel_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, zp_ptr, M, CH_
         for start in tl.range(0, M, BLOCK):
             m = start + tl.arange(0, BLOCK)
             valid = m < M
-            o = _channel_offsets(m, c, CH_STRIDE, NUM_CH, True)
+            if FUSED:
+                o = c * M + m
+            else:
+                o = _channel_offsets(m, c, CH_STRIDE, NUM_CH, True)
             x = tl.load(x_ptr + o, mask=valid, other=0.0).to(tl.float32)
             vmin = tl.minimum(vmin, tl.where(valid, x, float("inf")))
             vmax = tl.maximum(vmax, tl.where(valid, x, float("-inf")))

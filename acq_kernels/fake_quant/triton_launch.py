@@ -58,7 +58,7 @@ def fq_forward(x, scale, zero_point, quant_min, quant_max, axis, save_mask):
     if per_channel and cs < K.BLOCK and (w % 8 == 0 or not save_mask):
         # short channel runs: [rows, period] tiles with per-column qparams
         bw = min(triton.next_power_of_2(w), K.PERIOD_BLOCK_W)
-        br = max(1, K.BLOCK // bw)
+        br = max(1, min(K.BLOCK // bw, triton.next_power_of_2(n // w)))
         n_wb = triton.cdiv(w, bw)
         K.fq_forward_period_kernel[(triton.cdiv(n // w, br) * n_wb,)](
             x, out, mask if save_mask else out, scale, zero_point, n // w, w, cs, n_wb,
