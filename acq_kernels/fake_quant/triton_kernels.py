@@ -8,6 +8,12 @@ contracted into an FMA (the EMA update and qparams must round like torch's separ
 
 Packed mask: bit k (LSB first) of byte j is in_range of element 8j + k; blocks are multiples
 of 8 so each program writes whole bytes.
+
+Bandwidth: flat kernels take an unmasked path for full blocks (128-bit accesses at any size,
+see tests/test_aot.py) and a masked one for the tail block. Per-channel fake quant picks its
+geometry on the host: channel runs >= BLOCK (weights' axis 0, NCHW) -> flat blocks meeting at
+most two channels (SPAN2); shorter runs -> [rows, channel period] tiles with per-column qparams
+(fq_forward_period_kernel); channel-innermost reductions read [rows, channels] tiles.
 """
 from __future__ import annotations
 
