@@ -42,7 +42,10 @@ def launches(monkeypatch):
     log = []
     for mod in KERNEL_MODULES:
         for name, obj in vars(mod).items():
-            if isinstance(obj, triton.runtime.jit.KernelInterface):
+            # JITFunction, or the interpreter's InterpretedFunction (not a KernelInterface
+            # in every Triton version)
+            if isinstance(obj, triton.runtime.jit.KernelInterface) or \
+                    type(obj).__name__ in ("JITFunction", "InterpretedFunction"):
                 monkeypatch.setattr(mod, name, _Recorder(name, log))
     return log
 
