@@ -9,6 +9,7 @@
 // contract a multiply-add into an FMA (which rounds once and breaks bitwise equality).
 #include "cuda/fake_quant.cuh"
 #include "cuda/convert.cuh"
+#include "cuda/launch.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -21,8 +22,13 @@ namespace acq::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxPartials = 256;  // blocks of the per-tensor min/max pass (partials per tensor)
-constexpr int kLsqTargetBlocks = 2048;
+// Pass-1 blocks of the per-tensor min/max (= partials each fused fake-quant block re-reduces):
+// sized to the device, four 128-bit loads in flight per thread.
+constexpr int kPartialBlocksPerSm = 4;
+// Pass-1 blocks of a per-channel min/max (its partials [gy, C] go to one finishing pass).
+constexpr int kChannelBlocksPerSm = 2;
+// LSQ backward pass-1 blocks: a constant, so the order of its sums is the same on every GPU.
+constexpr int kLsqTargetBlocks = 1024;
 constexpr float kInf = __builtin_huge_valf();
 
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
@@ -60,7 +66,7 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& r) {
   } else {
     uint4 raw;
     memcpy(&raw, &r, sizeof(raw));
-    *reinterpret_cast<uint4*>(p) = raw;
+    __stwb(reinterpret_cast<uint4*>(p), raw);  // one 128-bit store (plain stores got split)
   }
 }
 
@@ -393,83 +399,226 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// LSQ backward, pass 1: grid (blocks_per_channel, channels). Each block walks its share of one
-// channel's elements, writes dx and one fp32 partial of dscale / dzero_point.
-template <typename T>
+// LSQ backward: torch's per-element formulas (_fake_quantize_learnable_per_*_affine_backward).
+// One channel's resolved qparams, as torch resolves them.
+template <typename A>
+struct LsqParams {
+  A sc, inv, zp, dsmall, dbig;
+};
+
+template <typename A>
+__device__ __forceinline__ LsqParams<A> lsq_params(const float* scale, const float* zero_point,
+                                                   int64_t c, bool per_channel, int quant_min,
+                                                   int quant_max) {
+  const float s = scale[c];
+  const float zraw = zero_point[c];
+  float z;
+  if (!per_channel) {  // torch per-tensor: int64(clamp(zp + 0.5))
+    z = fminf(fmaxf(__fadd_rn(zraw, 0.5f), static_cast<float>(quant_min)),
+              static_cast<float>(quant_max));
+    z = truncf(z);
+  } else {  // torch per-channel: clamp(round(zp))
+    z = fminf(fmaxf(rintf(zraw), static_cast<float>(quant_min)), static_cast<float>(quant_max));
+  }
+  LsqParams<A> p;
+  p.sc = s;
+  p.inv = static_cast<A>(__frcp_rn(s));
+  p.zp = z;
+  p.dsmall = static_cast<A>(quant_min) - p.zp;
+  p.dbig = static_cast<A>(quant_max) - p.zp;
+  return p;
+}
+
+// dx of one element, and its dscale / dzero_point terms added to s_ds / s_dz.
+template <typename T, typename A>
+__device__ __forceinline__ T lsq_elem(A g, A xi, const LsqParams<A>& p, A qmin, A qmax, A gf,
+                                      A& s_ds, A& s_dz) {
+  const A xq = rne(add_rn(p.zp, mul_rn(xi, p.inv)));
+  const bool lo = xq < qmin, hi = xq > qmax;
+  const A xc = lo ? qmin : (hi ? qmax : xq);
+  const A xfq = mul_rn(xc - p.zp, p.sc);
+  const A ds_in = mul_rn(mul_rn(g * (xfq - xi), p.inv), gf);
+  const A ds_out = mul_rn(g * (lo ? p.dsmall : p.dbig), gf);
+  const A dz_out = mul_rn(mul_rn(-g, p.sc), gf);
+  s_ds = add_rn(s_ds, (lo || hi) ? ds_out : ds_in);
+  s_dz = add_rn(s_dz, (lo || hi) ? dz_out : A(0));
+  return from_acc<T>(g * static_cast<A>((xq >= qmin) && (xq <= qmax)));
+}
+
+// Where a reduction block's result goes: straight into the per-channel outputs when the grid
+// has one block row (gridDim.y == 1), else into partials [gridDim.y, C] for a finishing pass.
+__device__ __forceinline__ bool single_pass() { return gridDim.y == 1; }
+
+// LSQ backward, pass 1, one channel (per tensor, or a size-1 channel axis): grid-stride over 128-bit vectors of grad and x, then a
+// fixed-order block sum into partials[blockIdx.y][0] (grid (1, blocks)).
+template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
-    lsq_partial_kernel(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ dx,
-                       const float* __restrict__ scale, const float* __restrict__ zero_point,
-                       FqLayout l, int quant_min, int quant_max, float grad_factor,
-                       float* __restrict__ partials) {
+    lsq_flat_kernel(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ dx,
+                    const float* __restrict__ scale, const float* __restrict__ zero_point,
+                    int64_t n, bool per_channel, int quant_min, int quant_max,
+                    float grad_factor, float* __restrict__ dscale,
+                    float* __restrict__ dzero_point, float* __restrict__ partials) {
   using A = acc_t<T>;
-  const int64_t C = l.channels;
-  const int64_t count = l.n / C;
-  const int nbx = gridDim.x;
   const A qmin = static_cast<A>(quant_min), qmax = static_cast<A>(quant_max);
   const A gf = static_cast<A>(grad_factor);
-  for (int64_t c = blockIdx.y; c < C; c += gridDim.y) {  // block-uniform
-    const float s = scale[c];
-    const float zraw = zero_point[c];
-    float z;
-    if (!l.per_channel) {  // torch per-tensor: int64(clamp(zp + 0.5))
-      z = fminf(fmaxf(__fadd_rn(zraw, 0.5f), static_cast<float>(quant_min)),
-                static_cast<float>(quant_max));
-      z = truncf(z);
-    } else {  // torch per-channel: clamp(round(zp))
-      z = fminf(fmaxf(rintf(zraw), static_cast<float>(quant_min)), static_cast<float>(quant_max));
-    }
-    const A sc = s, inv = static_cast<A>(__frcp_rn(s)), zp = z;
-    const A dsmall = qmin - zp, dbig = qmax - zp;
-    A s_ds = 0, s_dz = 0;
-    auto body = [&](int64_t o) {
-      const A g = to_acc(grad[o]);
-      const A xi = to_acc(x[o]);
-      const A xq = rne(add_rn(zp, mul_rn(xi, inv)));
-      const bool lo = xq < qmin, hi = xq > qmax;
-      dx[o] = from_acc<T>(g * static_cast<A>((xq >= qmin) && (xq <= qmax)));
-      const A xc = lo ? qmin : (hi ? qmax : xq);
-      const A xfq = mul_rn(xc - zp, sc);
-      const A ds_in = mul_rn(mul_rn(g * (xfq - xi), inv), gf);
-      const A ds_out = mul_rn(g * (lo ? dsmall : dbig), gf);
-      const A dz_out = mul_rn(mul_rn(-g, sc), gf);
-      s_ds = add_rn(s_ds, (lo || hi) ? ds_out : ds_in);
-      s_dz = add_rn(s_dz, (lo || hi) ? dz_out : A(0));
-    };
-    const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    const int64_t step = static_cast<int64_t>(nbx) * blockDim.x;
-    if (C == 1) {  // per-tensor: offsets are the element index, no division
-      for (int64_t j = first; j < count; j += step) body(j);
-    } else if (count <= 0xffffffffLL && l.inner <= 0xffffffffLL) {
-      // 32-bit division is inlined; the 64-bit one is a call that costs registers.
-      const uint32_t inner = static_cast<uint32_t>(l.inner);
-      for (int64_t j = first; j < count; j += step) {
-        const uint32_t p = static_cast<uint32_t>(j) / inner;
-        body((static_cast<int64_t>(p) * C + c) * l.inner + (static_cast<uint32_t>(j) - p * inner));
-      }
+  const LsqParams<A> p = lsq_params<A>(scale, zero_point, 0, per_channel, quant_min, quant_max);
+  A s_ds = 0, s_dz = 0;
+  const int64_t tid = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t nthreads = static_cast<int64_t>(gridDim.y) * blockDim.x;
+  const int64_t nvec = n / V;
+  for (int64_t i = tid; i < nvec; i += nthreads) {
+    const Vec<T, V> g = load_vec<T, V>(grad + i * V);
+    const Vec<T, V> xv = load_vec<T, V>(x + i * V);
+    Vec<T, V> d;
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      d.v[j] = lsq_elem<T, A>(to_acc(g.v[j]), to_acc(xv.v[j]), p, qmin, qmax, gf, s_ds, s_dz);
+    store_vec<T, V>(dx + i * V, d);
+  }
+  for (int64_t i = nvec * V + tid; i < n; i += nthreads)
+    dx[i] = lsq_elem<T, A>(to_acc(grad[i]), to_acc(x[i]), p, qmin, qmax, gf, s_ds, s_dz);
+  const float b_ds = block_sum(static_cast<float>(s_ds));
+  const float b_dz = block_sum(static_cast<float>(s_dz));
+  if (threadIdx.x == 0) {
+    if (single_pass()) {
+      *dscale = b_ds;
+      *dzero_point = b_dz;
     } else {
-      for (int64_t j = first; j < count; j += step) {
-        const int64_t p = j / l.inner;
-        body((p * C + c) * l.inner + (j - p * l.inner));
+      partials[blockIdx.y * 2] = b_ds;
+      partials[blockIdx.y * 2 + 1] = b_dz;
+    }
+  }
+}
+
+// Shared-memory tree over the `rpb` row groups of a [rpb, tpr] thread tile (rpb a power of
+// two): afterwards s[col * W + j] (row 0) holds the combination of all rows, in a fixed order.
+template <int W, typename F>
+__device__ __forceinline__ void tile_rows_tree(float* s, int tpr, F&& combine) {
+  const int rpb = blockDim.x / tpr, r = threadIdx.x / tpr;
+  for (int h = rpb / 2; h > 0; h >>= 1) {
+    __syncthreads();
+    if (r < h) {
+#pragma unroll
+      for (int j = 0; j < W; ++j)
+        s[threadIdx.x * W + j] = combine(s[threadIdx.x * W + j], s[(threadIdx.x + h * tpr) * W + j]);
+    }
+  }
+  __syncthreads();
+}
+
+// LSQ backward, pass 1, channels innermost (inner == 1; x is [rows, C]): a [rpb, tpr] thread
+// tile, each thread owning V consecutive channels (one 128-bit load of grad and of x per row),
+// rows strided over the block rows of the grid; sums combined over the tile's rows by a
+// fixed tree. grid (ceil(C / (tpr * V)), gy).
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads)
+    lsq_columns_kernel(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ dx,
+                       const float* __restrict__ scale, const float* __restrict__ zero_point,
+                       int64_t rows, int64_t C, int tpr, int quant_min, int quant_max,
+                       float grad_factor, float* __restrict__ dscale,
+                       float* __restrict__ dzero_point, float* __restrict__ partials) {
+  using A = acc_t<T>;
+  __shared__ float s_sum[kThreads * 2 * V];
+  const A qmin = static_cast<A>(quant_min), qmax = static_cast<A>(quant_max);
+  const A gf = static_cast<A>(grad_factor);
+  const int col = threadIdx.x % tpr, r = threadIdx.x / tpr, rpb = blockDim.x / tpr;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * tpr + col) * V;
+  A s_ds[V], s_dz[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) s_ds[j] = s_dz[j] = 0;
+  if (c0 < C) {  // V > 1 only when C % V == 0, so all V channels exist
+    LsqParams<A> p[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) p[j] = lsq_params<A>(scale, zero_point, c0 + j, true, quant_min, quant_max);
+    const int64_t step = static_cast<int64_t>(gridDim.y) * rpb;
+    for (int64_t q = static_cast<int64_t>(blockIdx.y) * rpb + r; q < rows; q += step) {
+      const int64_t o = q * C + c0;
+      const Vec<T, V> g = load_vec<T, V>(grad + o);
+      const Vec<T, V> xv = load_vec<T, V>(x + o);
+      Vec<T, V> d;
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        d.v[j] = lsq_elem<T, A>(to_acc(g.v[j]), to_acc(xv.v[j]), p[j], qmin, qmax, gf, s_ds[j], s_dz[j]);
+      store_vec<T, V>(dx + o, d);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    s_sum[threadIdx.x * 2 * V + 2 * j] = static_cast<float>(s_ds[j]);
+    s_sum[threadIdx.x * 2 * V + 2 * j + 1] = static_cast<float>(s_dz[j]);
+  }
+  tile_rows_tree<2 * V>(s_sum, tpr, [](float a, float b) { return a + b; });
+  if (r == 0 && c0 < C) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int64_t c = c0 + j;
+      const float ds = s_sum[threadIdx.x * 2 * V + 2 * j], dz = s_sum[threadIdx.x * 2 * V + 2 * j + 1];
+      if (single_pass()) {
+        dscale[c] = ds;
+        dzero_point[c] = dz;
+      } else {
+        partials[(blockIdx.y * C + c) * 2] = ds;
+        partials[(blockIdx.y * C + c) * 2 + 1] = dz;
+      }
+    }
+  }
+}
+
+// LSQ backward, pass 1, inner > 1: channel c is `rows` contiguous runs of inner = inner_v * V
+// elements at (q * C + c) * inner. Block (c, y): a [rpb, tpr] thread tile, lanes over a run
+// (128-bit loads when inner % V == 0), tile rows over runs; no per-element division.
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads, 4)
+    lsq_rows_kernel(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ dx,
+                    const float* __restrict__ scale, const float* __restrict__ zero_point,
+                    int64_t rows, int64_t C, int64_t inner_v, int tpr, bool per_channel,
+                    int quant_min, int quant_max, float grad_factor, float* __restrict__ dscale,
+                    float* __restrict__ dzero_point, float* __restrict__ partials) {
+  using A = acc_t<T>;
+  const A qmin = static_cast<A>(quant_min), qmax = static_cast<A>(quant_max);
+  const A gf = static_cast<A>(grad_factor);
+  const int col = threadIdx.x % tpr, r = threadIdx.x / tpr, rpb = blockDim.x / tpr;
+  const int64_t run = inner_v * V, row_stride = C * run;
+  const int64_t step = static_cast<int64_t>(gridDim.y) * rpb;
+  for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {  // block-uniform
+    const LsqParams<A> p = lsq_params<A>(scale, zero_point, c, per_channel, quant_min, quant_max);
+    A s_ds = 0, s_dz = 0;
+    for (int64_t i = col; i < inner_v; i += tpr) {
+      for (int64_t q = static_cast<int64_t>(blockIdx.y) * rpb + r; q < rows; q += step) {
+        const int64_t o = q * row_stride + c * run + i * V;
+        const Vec<T, V> g = load_vec<T, V>(grad + o);
+        const Vec<T, V> xv = load_vec<T, V>(x + o);
+        Vec<T, V> d;
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+          d.v[j] = lsq_elem<T, A>(to_acc(g.v[j]), to_acc(xv.v[j]), p, qmin, qmax, gf, s_ds, s_dz);
+        store_vec<T, V>(dx + o, d);
       }
     }
     const float b_ds = block_sum(static_cast<float>(s_ds));
     const float b_dz = block_sum(static_cast<float>(s_dz));
     if (threadIdx.x == 0) {
-      partials[(c * nbx + blockIdx.x) * 2] = b_ds;
-      partials[(c * nbx + blockIdx.x) * 2 + 1] = b_dz;
+      if (single_pass()) {
+        dscale[c] = b_ds;
+        dzero_point[c] = b_dz;
+      } else {
+        partials[(blockIdx.y * C + c) * 2] = b_ds;
+        partials[(blockIdx.y * C + c) * 2 + 1] = b_dz;
+      }
     }
   }
 }
 
-// LSQ backward, pass 2: one block per channel sums its partials in a fixed order.
+// LSQ backward, pass 2 (only when pass 1 had gy > 1 block rows): one block per channel sums its
+// gy partials ([gy, C, 2]) in a fixed order.
 __global__ void __launch_bounds__(kThreads)
-    lsq_finish_kernel(const float* __restrict__ partials, int nbx, int64_t channels,
+    lsq_finish_kernel(const float* __restrict__ partials, int gy, int64_t channels,
                       float* __restrict__ dscale, float* __restrict__ dzero_point) {
   for (int64_t c = blockIdx.x; c < channels; c += gridDim.x) {
     float s_ds = 0.0f, s_dz = 0.0f;
-    for (int b = threadIdx.x; b < nbx; b += blockDim.x) {
-      s_ds += partials[(c * nbx + b) * 2];
-      s_dz += partials[(c * nbx + b) * 2 + 1];
+    for (int b = threadIdx.x; b < gy; b += blockDim.x) {
+      s_ds += partials[(b * channels + c) * 2];
+      s_dz += partials[(b * channels + c) * 2 + 1];
     }
     const float t_ds = block_sum(s_ds);
     const float t_dz = block_sum(s_dz);
@@ -480,30 +629,41 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Per-tensor min/max, pass 1: one NaN-sticky partial per block. Block 0 also snapshots the
-// moving-average buffers (if given) for pass 2, which overwrites them.
+template <typename T, int W>
+__device__ __forceinline__ void fold_minmax(const Vec<T, W>& in, float& mn, float& mx) {
+#pragma unroll
+  for (int j = 0; j < W; ++j) {
+    const float v = static_cast<float>(to_acc(in.v[j]));
+    mn = nan_min(mn, v);
+    mx = nan_max(mx, v);
+  }
+}
+
+// Per-tensor min/max, pass 1: one NaN-sticky partial per block, four independent 128-bit
+// loads in flight per thread. Block 0 also snapshots the moving-average buffers (if given)
+// for pass 2, which overwrites them.
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
     minmax_partial_kernel(const T* __restrict__ x, int64_t n, float* __restrict__ partials,
                           const float* __restrict__ min_val, const float* __restrict__ max_val) {
   float mn = kInf, mx = -kInf;
+  auto fold = [&](const auto& in) { fold_minmax(in, mn, mx); };
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t nvec = V > 1 ? n / V : 0;
-  for (int64_t i = tid; i < nvec; i += nthreads) {
-    const Vec<T, V> in = load_vec<T, V>(x + i * V);
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const float v = static_cast<float>(to_acc(in.v[j]));
-      mn = nan_min(mn, v);
-      mx = nan_max(mx, v);
-    }
+  const int64_t nvec = n / V;
+  int64_t i = tid;
+  for (; i + 3 * nthreads < nvec; i += 4 * nthreads) {
+    const Vec<T, V> a = load_vec<T, V>(x + i * V);
+    const Vec<T, V> b = load_vec<T, V>(x + (i + nthreads) * V);
+    const Vec<T, V> c = load_vec<T, V>(x + (i + 2 * nthreads) * V);
+    const Vec<T, V> d = load_vec<T, V>(x + (i + 3 * nthreads) * V);
+    fold(a);
+    fold(b);
+    fold(c);
+    fold(d);
   }
-  for (int64_t i = nvec * V + tid; i < n; i += nthreads) {
-    const float v = static_cast<float>(to_acc(x[i]));
-    mn = nan_min(mn, v);
-    mx = nan_max(mx, v);
-  }
+  for (; i < nvec; i += nthreads) fold(load_vec<T, V>(x + i * V));
+  for (int64_t k = nvec * V + tid; k < n; k += nthreads) fold(load_vec<T, 1>(x + k));
   block_minmax(mn, mx);
   if (threadIdx.x == 0) {
     partials[blockIdx.x] = mn;
@@ -564,44 +724,124 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Per-channel observer for any dense layout: one block per channel, elements of channel c at
-// offsets ((p * C + c) * inner + i); writes scale[c] / zero_point[c].
-template <typename T>
+// Per-channel min/max destination: pass 1 writes NaN-sticky partials [gridDim.y, C] (mins,
+// then maxs); minmax_columns_kernel<float, 1, true> turns them into qparams.
+struct ChannelMinMaxOut {
+  float* part_min = nullptr;
+  float* part_max = nullptr;
+  int quant_min = 0, quant_max = 0;
+  bool symmetric = false;
+  float eps = 0.0f;
+  float* scale = nullptr;
+  int32_t* zero_point = nullptr;
+};
+
+// Finish: the qparams of channel c; pass 1: its block's partial min/max (row blockIdx.y).
+// (Pass 1 always leaves the qparams to the finishing pass: the IEEE division in calc_qparams
+// has a subroutine slow path, and inlined there its call made ptxas spill the loop state.)
+template <bool Finish>
+__device__ __forceinline__ void channel_minmax_store(const ChannelMinMaxOut& o, int64_t C,
+                                                     int64_t c, float mn, float mx) {
+  if constexpr (Finish) {
+    calc_qparams(mn, mx, o.quant_min, o.quant_max, o.symmetric, o.eps, o.scale + c,
+                 o.zero_point + c);
+  } else {
+    o.part_min[blockIdx.y * C + c] = mn;
+    o.part_max[blockIdx.y * C + c] = mx;
+  }
+}
+
+// Per-channel min/max with the channel innermost (inner == 1; x is [rows, C]): a [rpb, tpr]
+// thread tile, each thread owning V consecutive channels (128-bit loads, a warp reads whole
+// rows), rows strided over the grid's block rows with four loads in flight per thread, then a
+// shared-memory tree over the tile's rows. grid (ceil(C / (tpr * V)), gy).
+// Pairs: the finishing pass over [rows, C] partial mins (a) and maxs (b); otherwise b is unused.
+template <typename T, int V, bool Pairs>
 __global__ void __launch_bounds__(kThreads)
-    minmax_channel_kernel(const T* __restrict__ x, FqLayout l, int quant_min, int quant_max,
-                          bool symmetric, float eps, float* __restrict__ scale,
-                          int32_t* __restrict__ zero_point) {
-  const int64_t C = l.channels;
-  const int64_t count = l.n / C;
-  for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
+    minmax_columns_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t rows,
+                          int64_t C, int tpr, ChannelMinMaxOut o) {
+  __shared__ float s_mn[kThreads * V], s_mx[kThreads * V];
+  const int col = threadIdx.x % tpr, r = threadIdx.x / tpr, rpb = blockDim.x / tpr;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * tpr + col) * V;
+  float mn[V], mx[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    mn[j] = kInf;
+    mx[j] = -kInf;
+  }
+  auto fold = [&](const Vec<T, V>& lo, const Vec<T, V>& hi) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      mn[j] = nan_min(mn[j], static_cast<float>(to_acc(lo.v[j])));
+      mx[j] = nan_max(mx[j], static_cast<float>(to_acc(hi.v[j])));
+    }
+  };
+  if (c0 < C) {  // V > 1 only when C % V == 0, so all V channels exist
+    const int64_t step = static_cast<int64_t>(gridDim.y) * rpb;
+    const int64_t jump = step * C;
+    int64_t q = static_cast<int64_t>(blockIdx.y) * rpb + r;
+    int64_t o0 = q * C + c0;
+    if constexpr (Pairs) {
+      for (; q < rows; q += step, o0 += jump) fold(load_vec<T, V>(a + o0), load_vec<T, V>(b + o0));
+    } else {
+      for (; q + 3 * step < rows; q += 4 * step, o0 += 4 * jump) {
+        const Vec<T, V> v0 = load_vec<T, V>(a + o0);
+        const Vec<T, V> v1 = load_vec<T, V>(a + o0 + jump);
+        const Vec<T, V> v2 = load_vec<T, V>(a + o0 + 2 * jump);
+        const Vec<T, V> v3 = load_vec<T, V>(a + o0 + 3 * jump);
+        fold(v0, v0);
+        fold(v1, v1);
+        fold(v2, v2);
+        fold(v3, v3);
+      }
+      for (; q < rows; q += step, o0 += jump) {
+        const Vec<T, V> v = load_vec<T, V>(a + o0);
+        fold(v, v);
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    s_mn[threadIdx.x * V + j] = mn[j];
+    s_mx[threadIdx.x * V + j] = mx[j];
+  }
+  tile_rows_tree<V>(s_mn, tpr, [](float u, float v) { return nan_min(u, v); });
+  tile_rows_tree<V>(s_mx, tpr, [](float u, float v) { return nan_max(u, v); });
+  // Row 0 of the tile holds the tile's tpr * V channels in order: one channel per thread.
+  const int64_t tile_c0 = static_cast<int64_t>(blockIdx.x) * tpr * V;
+  for (int k = threadIdx.x; k < tpr * V; k += blockDim.x) {
+    if (tile_c0 + k < C) channel_minmax_store<Pairs>(o, C, tile_c0 + k, s_mn[k], s_mx[k]);
+  }
+}
+
+// Per-channel min/max for inner > 1 (channel c is `rows` contiguous runs of inner = inner_v * V
+// elements at (q * C + c) * inner): block (c, y), a [rpb, tpr] thread tile with lanes along a
+// run (128-bit loads when inner % V == 0) and tile rows over runs, two runs in flight per
+// thread; no per-element division.
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads, 4)
+    minmax_rows_kernel(const T* __restrict__ x, int64_t rows, int64_t C, int64_t inner_v,
+                       int tpr, ChannelMinMaxOut o) {
+  const int col = threadIdx.x % tpr, r = threadIdx.x / tpr, rpb = blockDim.x / tpr;
+  const int64_t run = inner_v * V, row_stride = C * run;
+  const int64_t step = static_cast<int64_t>(gridDim.y) * rpb;
+  for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {  // block-uniform
     float mn = kInf, mx = -kInf;
-    for (int64_t j = threadIdx.x; j < count; j += blockDim.x) {
-      const int64_t p = j / l.inner;
-      const float v = static_cast<float>(to_acc(x[(p * C + c) * l.inner + (j - p * l.inner)]));
-      mn = nan_min(mn, v);
-      mx = nan_max(mx, v);
+    for (int64_t i = col; i < inner_v; i += tpr) {
+      const T* base = x + c * run + i * V;
+      int64_t q = static_cast<int64_t>(blockIdx.y) * rpb + r;
+      for (; q + step < rows; q += 2 * step) {
+        const Vec<T, V> v0 = load_vec<T, V>(base + q * row_stride);
+        const Vec<T, V> v1 = load_vec<T, V>(base + (q + step) * row_stride);
+        fold_minmax(v0, mn, mx);
+        fold_minmax(v1, mn, mx);
+      }
+      if (q < rows) fold_minmax(load_vec<T, V>(base + q * row_stride), mn, mx);
     }
     block_minmax(mn, mx);
-    if (threadIdx.x == 0) {
-      calc_qparams(mn, mx, quant_min, quant_max, symmetric, eps, scale + c, zero_point + c);
-    }
+    if (threadIdx.x == 0) channel_minmax_store<false>(o, C, c, mn, mx);
   }
 }
-
-int sm_count() {
-  static int cached[64] = {0};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 64) return 108;
-  if (cached[dev] == 0) {
-    int sms = 0;
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    cached[dev] = sms > 0 ? sms : 108;
-  }
-  return cached[dev];
-}
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int elementwise_blocks(int64_t work_items) {
   const int64_t cap = static_cast<int64_t>(sm_count()) * 8;  // 2048 threads per SM
@@ -610,11 +850,12 @@ int elementwise_blocks(int64_t work_items) {
   return static_cast<int>(b < 1 ? 1 : b);
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+bool aligned16(const void* p) { return aligned_to(p, 16); }
 
 int minmax_parts(int64_t n, int V) {
   int64_t b = ceil_div(n, static_cast<int64_t>(kThreads) * V * 4);
-  if (b > kMaxPartials) b = kMaxPartials;
+  const int64_t cap = static_cast<int64_t>(kPartialBlocksPerSm) * sm_count();
+  if (b > cap) b = cap;
   return static_cast<int>(b < 1 ? 1 : b);
 }
 
@@ -680,13 +921,96 @@ int launch_minmax_partials(const void* x, int64_t n, float* ws, const float* min
   return parts;
 }
 
-int lsq_blocks_per_channel(const FqLayout& l) {
-  const int64_t count = l.n / (l.channels > 0 ? l.channels : 1);
-  int64_t b = ceil_div(count, static_cast<int64_t>(kThreads) * 8);
-  int64_t cap = kLsqTargetBlocks / (l.channels > 0 ? l.channels : 1);
-  if (cap < 1) cap = 1;
-  if (b > cap) b = cap;
-  return static_cast<int>(b < 1 ? 1 : b);
+// Thread tile [rpb, tpr] (tpr * rpb == kThreads, tpr the smallest power of two covering
+// `width` vectors) and grid (gx, gy) of a per-channel reduction's first pass. columns: the
+// channel-innermost kernels (width = vectors per row, gx tiles across the channels); else
+// the run kernels (width = vectors per run, one block column per channel). gy block rows
+// share the rows, aiming at `target` blocks in all.
+struct TilePlan {
+  int tpr = 1;
+  int64_t gx = 1, gy = 1;
+};
+
+TilePlan plan_tile(bool columns, int64_t C, int64_t rows, int64_t width, int64_t target) {
+  TilePlan t;
+  t.tpr = pow2_at_least(width, 1, kThreads);
+  const int64_t rpb = kThreads / t.tpr;
+  t.gx = columns ? ceil_div(width, t.tpr) : (C < (1 << 30) ? C : (1 << 30));
+  int64_t gy = target / t.gx;
+  gy = gy < ceil_div(rows, rpb) ? gy : ceil_div(rows, rpb);
+  gy = gy < 65535 ? gy : 65535;
+  t.gy = gy < 1 ? 1 : gy;
+  return t;
+}
+
+// Vector width of a per-channel pass: 128-bit when every row/run start is 16-byte aligned.
+int channel_vec(const FqLayout& l, size_t elem_bytes, bool aligned) {
+  const int V = static_cast<int>(16 / elem_bytes);
+  const int64_t unit = l.inner == 1 ? l.channels : l.inner;
+  return aligned && unit % V == 0 ? V : 1;
+}
+
+TilePlan plan_channels(const FqLayout& l, int V, int64_t target) {
+  const bool columns = l.inner == 1;
+  const int64_t rows = l.n / (l.channels * l.inner);
+  const int64_t width = columns ? ceil_div(l.channels, V) : l.inner / V;
+  return plan_tile(columns, l.channels, rows, width, target);
+}
+
+// Largest gy any element size / alignment can give (sizes the workspace before the launch).
+int64_t max_gy(const FqLayout& l, int64_t target) {
+  int64_t g = 1;
+  for (int V : {1, 2, 4, 8}) {
+    if ((l.inner == 1 ? l.channels : l.inner) % V != 0) continue;
+    const int64_t gy = plan_channels(l, V, target).gy;
+    g = gy > g ? gy : g;
+  }
+  return g;
+}
+
+int64_t channel_minmax_target() { return static_cast<int64_t>(kChannelBlocksPerSm) * sm_count(); }
+
+// Per-channel observer, any layout but segments: pass 1 (columns or runs kernel) and, when it
+// used several block rows, the finishing columns pass over its partials; scale / zero_point
+// are written on the device.
+template <typename T>
+void launch_channel_minmax(const T* x, const FqLayout& l, ChannelMinMaxOut o, float* ws,
+                           cudaStream_t stream) {
+  constexpr int VV = 16 / sizeof(T);
+  const int V = channel_vec(l, sizeof(T), aligned16(x));
+  const TilePlan t = plan_channels(l, V, channel_minmax_target());
+  const int64_t rows = l.n / (l.channels * l.inner);
+  o.part_min = ws;
+  o.part_max = ws + t.gy * l.channels;
+  const dim3 grid(static_cast<unsigned>(t.gx), static_cast<unsigned>(t.gy));
+  if (l.inner == 1) {
+    if (V == VV)
+      minmax_columns_kernel<T, VV, false><<<grid, kThreads, 0, stream>>>(x, x, rows, l.channels, t.tpr, o);
+    else
+      minmax_columns_kernel<T, 1, false><<<grid, kThreads, 0, stream>>>(x, x, rows, l.channels, t.tpr, o);
+  } else {
+    if (V == VV)
+      minmax_rows_kernel<T, VV><<<grid, kThreads, 0, stream>>>(x, rows, l.channels, l.inner / VV, t.tpr, o);
+    else
+      minmax_rows_kernel<T, 1><<<grid, kThreads, 0, stream>>>(x, rows, l.channels, l.inner, t.tpr, o);
+  }
+  {  // finish: [gy, C] partials -> qparams, threads across channels
+    const int tpr = pow2_at_least(l.channels, 1, 32);
+    minmax_columns_kernel<float, 1, true>
+        <<<static_cast<unsigned>(ceil_div(l.channels, tpr)), kThreads, 0, stream>>>(
+            o.part_min, o.part_max, t.gy, l.channels, tpr, o);
+  }
+}
+
+// LSQ pass-1 geometry: one channel -> grid (1, blocks) over the flat tensor; else a TilePlan.
+TilePlan plan_lsq(const FqLayout& l, int V) {
+  if (l.channels == 1) {
+    TilePlan t;
+    int64_t b = ceil_div(l.n, static_cast<int64_t>(kThreads) * 8);
+    t.gy = b < 1 ? 1 : (b > kLsqTargetBlocks ? kLsqTargetBlocks : b);
+    return t;
+  }
+  return plan_channels(l, V, kLsqTargetBlocks);
 }
 
 }  // namespace
@@ -728,7 +1052,9 @@ void fq_mask_backward(DType dt, const void* grad, const uint8_t* mask, void* out
 }
 
 size_t lsq_workspace_floats(const FqLayout& l) {
-  return static_cast<size_t>(l.channels) * lsq_blocks_per_channel(l) * 2;
+  if (l.channels <= 0 || l.n <= 0) return 0;
+  const int64_t gy = l.channels == 1 ? plan_lsq(l, 1).gy : max_gy(l, kLsqTargetBlocks);
+  return static_cast<size_t>(gy > 1 ? 2 * l.channels * gy : 0);
 }
 
 void fq_learnable_backward(DType dt, const void* grad, const void* x, void* dx, float* dscale,
@@ -737,21 +1063,66 @@ void fq_learnable_backward(DType dt, const void* grad, const void* x, void* dx, 
                            float* workspace, cudaStream_t stream) {
   // No launch for empty input (a 0-sized grid is a launch error); the caller zero-fills.
   if (l.n <= 0 || l.channels <= 0) return;
-  const int nbx = lsq_blocks_per_channel(l);
-  const int gy = static_cast<int>(l.channels < 65535 ? l.channels : 65535);
+  int64_t gy = 1;
   dispatch(dt, [&](auto tag) {
     using T = decltype(tag);
-    lsq_partial_kernel<T><<<dim3(nbx, gy), kThreads, 0, stream>>>(
-        static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<T*>(dx), scale,
-        zero_point, l, quant_min, quant_max, grad_factor, workspace);
+    constexpr int VV = 16 / sizeof(T);
+    const T* g = static_cast<const T*>(grad);
+    const T* xt = static_cast<const T*>(x);
+    T* d = static_cast<T*>(dx);
+    const bool aligned = aligned16(grad) && aligned16(x) && aligned16(dx);
+    if (l.channels == 1) {
+      gy = plan_lsq(l, VV).gy;
+      const dim3 grid(1, static_cast<unsigned>(gy));
+      if (aligned)
+        lsq_flat_kernel<T, VV><<<grid, kThreads, 0, stream>>>(g, xt, d, scale, zero_point, l.n,
+                                                              l.per_channel, quant_min, quant_max,
+                                                              grad_factor, dscale, dzero_point,
+                                                              workspace);
+      else
+        lsq_flat_kernel<T, 1><<<grid, kThreads, 0, stream>>>(g, xt, d, scale, zero_point, l.n,
+                                                             l.per_channel, quant_min, quant_max,
+                                                             grad_factor, dscale, dzero_point,
+                                                             workspace);
+      return;
+    }
+    const int V = channel_vec(l, sizeof(T), aligned);
+    const TilePlan t = plan_lsq(l, V);
+    gy = t.gy;
+    const int64_t rows = l.n / (l.channels * l.inner);
+    const dim3 grid(static_cast<unsigned>(t.gx), static_cast<unsigned>(t.gy));
+    if (l.inner == 1) {
+      if (V == VV)
+        lsq_columns_kernel<T, VV><<<grid, kThreads, 0, stream>>>(
+            g, xt, d, scale, zero_point, rows, l.channels, t.tpr, quant_min, quant_max,
+            grad_factor, dscale, dzero_point, workspace);
+      else
+        lsq_columns_kernel<T, 1><<<grid, kThreads, 0, stream>>>(
+            g, xt, d, scale, zero_point, rows, l.channels, t.tpr, quant_min, quant_max,
+            grad_factor, dscale, dzero_point, workspace);
+    } else {
+      if (V == VV)
+        lsq_rows_kernel<T, VV><<<grid, kThreads, 0, stream>>>(
+            g, xt, d, scale, zero_point, rows, l.channels, l.inner / VV, t.tpr, l.per_channel,
+            quant_min, quant_max, grad_factor, dscale, dzero_point, workspace);
+      else
+        lsq_rows_kernel<T, 1><<<grid, kThreads, 0, stream>>>(
+            g, xt, d, scale, zero_point, rows, l.channels, l.inner, t.tpr, l.per_channel,
+            quant_min, quant_max, grad_factor, dscale, dzero_point, workspace);
+    }
   });
-  const int gc = static_cast<int>(l.channels < 65535 ? l.channels : 65535);
-  lsq_finish_kernel<<<gc, kThreads, 0, stream>>>(workspace, nbx, l.channels, dscale, dzero_point);
+  if (gy > 1) {  // pass 2: the [gy, C] partials, summed per channel in a fixed order
+    const int gc = static_cast<int>(l.channels < 65535 ? l.channels : 65535);
+    lsq_finish_kernel<<<gc, kThreads, 0, stream>>>(workspace, static_cast<int>(gy), l.channels,
+                                                   dscale, dzero_point);
+  }
 }
 
 size_t minmax_workspace_floats(const FqLayout& l) {
-  (void)l;
-  return 2 * kMaxPartials + 2;
+  const size_t per_tensor = 2 * static_cast<size_t>(kPartialBlocksPerSm) * sm_count() + 2;
+  if (!l.per_channel || l.n <= 0 || l.channels <= 0) return per_tensor;
+  const size_t per_channel = static_cast<size_t>(2 * max_gy(l, channel_minmax_target()) * l.channels);
+  return per_channel > per_tensor ? per_channel : per_tensor;
 }
 
 void fq_minmax_forward(DType dt, const void* x, void* out, uint8_t* mask, const FqLayout& l,
@@ -777,9 +1148,14 @@ void fq_minmax_forward(DType dt, const void* x, void* out, uint8_t* mask, const 
           quant_max, symmetric, eps, scale, zero_point);
       return;
     }
-    minmax_channel_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(x), l,
-                                                              quant_min, quant_max, symmetric,
-                                                              eps, scale, zero_point);
+    ChannelMinMaxOut o;
+    o.quant_min = quant_min;
+    o.quant_max = quant_max;
+    o.symmetric = symmetric;
+    o.eps = eps;
+    o.scale = scale;
+    o.zero_point = zero_point;
+    launch_channel_minmax<T>(static_cast<const T*>(x), l, o, workspace, stream);
     const MinMaxFinish none{};
     launch_fq_any<T, true, false, false>(x, out, mask, l, scale, zero_point, false, quant_min,
                                          quant_max, none, stream);
