@@ -1,12 +1,14 @@
 // CUDA kernels of the spatial-attention family; see attention.cuh.
 #include "cuda/attention.cuh"
 #include "cuda/convert.cuh"
+#include "cuda/launch.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace acq::cuda {
 namespace {
@@ -25,51 +27,96 @@ __device__ __forceinline__ float pow_abs(float x, float p) {
   }
 }
 
-// Pixels contiguous: a block covers block_s pixels (coalesced) x kThreads/block_s channel
-// groups, so small maps (7x7) still keep every thread busy; groups combine in shared memory.
-template <typename T, bool kSquare>
-__global__ void map_nchw_kernel(const T* __restrict__ f, float* __restrict__ a32, int64_t N,
-                                int C, int HW, int64_t stride_n, int64_t stride_c, float p,
-                                int block_s) {
-  __shared__ float part[kThreads];
+// V consecutive elements moved as one V * sizeof(T)-byte access (up to 128 bits).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, V>*>(p);
+}
+
+// Pixels contiguous: a block covers block_s pixel vectors (V consecutive pixels per thread,
+// one V-wide load per channel) x kThreads/block_s channel groups, so small maps (7x7) still
+// keep every thread busy; each thread keeps four channel chains (four loads in flight), the
+// groups combine in shared memory in a fixed order.
+template <typename T, bool kSquare, int V>
+__global__ void __launch_bounds__(kThreads, 4)
+    map_nchw_kernel(const T* __restrict__ f, float* __restrict__ a32, int64_t N, int C, int HW,
+                    int64_t stride_n, int64_t stride_c, float p, int block_s) {
+  __shared__ float part[kThreads * V];
   const int groups = kThreads / block_s;
   const int ls = threadIdx.x % block_s, grp = threadIdx.x / block_s;
-  const int s = blockIdx.x * block_s + ls;
+  const int s = (blockIdx.x * block_s + ls) * V;  // HW % V == 0: all V pixels or none
   for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
-    float acc0 = 0.f, acc1 = 0.f;  // two independent chains keep more loads in flight
+    float acc[4][V] = {};
     if (s < HW) {
       const T* x = f + n * stride_n + s;
       int c = grp;
-      for (; c + groups < C; c += 2 * groups) {
-        acc0 += pow_abs<kSquare>(to_acc(x[c * stride_c]), p);
-        acc1 += pow_abs<kSquare>(to_acc(x[(c + groups) * stride_c]), p);
+      for (; c + 3 * groups < C; c += 4 * groups) {
+        Pack<T, V> in[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) in[k] = load_pack<T, V>(x + static_cast<int64_t>(c + k * groups) * stride_c);
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+#pragma unroll
+          for (int j = 0; j < V; ++j) acc[k][j] += pow_abs<kSquare>(to_acc(in[k].v[j]), p);
       }
-      if (c < C) acc0 += pow_abs<kSquare>(to_acc(x[c * stride_c]), p);
+      for (; c < C; c += groups) {
+        const Pack<T, V> in = load_pack<T, V>(x + static_cast<int64_t>(c) * stride_c);
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[0][j] += pow_abs<kSquare>(to_acc(in.v[j]), p);
+      }
     }
-    part[threadIdx.x] = acc0 + acc1;
+#pragma unroll
+    for (int j = 0; j < V; ++j) part[threadIdx.x * V + j] = (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]);
     __syncthreads();
     if (grp == 0 && s < HW) {
-      float tot = 0.f;
-      for (int g = 0; g < groups; ++g) tot += part[g * block_s + ls];
-      a32[n * HW + s] = tot / static_cast<float>(C);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        float tot = 0.f;
+        for (int g = 0; g < groups; ++g) tot += part[(g * block_s + ls) * V + j];
+        a32[n * HW + s + j] = tot / static_cast<float>(C);
+      }
     }
     __syncthreads();
   }
 }
 
-// Channels contiguous: one warp per pixel, lanes over channels, shuffle reduction.
-template <typename T, bool kSquare>
-__global__ void map_nhwc_kernel(const T* __restrict__ f, float* __restrict__ a32, int64_t N,
-                                int C, int HW, int64_t stride_n, int64_t stride_s, float p) {
-  const int lane = threadIdx.x & 31;
-  const int s = blockIdx.x * kWarps + (threadIdx.x >> 5);
-  if (s >= HW) return;
-  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
-    const T* x = f + n * stride_n + static_cast<int64_t>(s) * stride_s;
-    float acc = 0.f;
-    for (int c = lane; c < C; c += 32) acc += pow_abs<kSquare>(to_acc(x[c]), p);
-    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (lane == 0) a32[n * HW + s] = acc / static_cast<float>(C);
+// Channels contiguous: tpp threads per pixel (a power of two <= 32, so a warp holds 32 / tpp
+// pixels), each summing V consecutive channels per load with four loads in flight, then a
+// shuffle tree within the pixel's lanes.
+template <typename T, bool kSquare, int V>
+__global__ void __launch_bounds__(kThreads, 4)
+    map_nhwc_kernel(const T* __restrict__ f, float* __restrict__ a32, int64_t N, int C, int HW,
+                    int64_t stride_n, int64_t stride_s, float p, int tpp) {
+  const int sub = threadIdx.x % tpp;
+  const int s = blockIdx.x * (kThreads / tpp) + threadIdx.x / tpp;
+  const int cv = C / V;  // C % V == 0
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {  // block-uniform: shuffles stay safe
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    if (s < HW) {
+      const T* x = f + n * stride_n + static_cast<int64_t>(s) * stride_s;
+      int k = sub;
+      for (; k + 3 * tpp < cv; k += 4 * tpp) {
+        Pack<T, V> in[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) in[u] = load_pack<T, V>(x + (k + u * tpp) * V);
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+#pragma unroll
+          for (int j = 0; j < V; ++j) acc[u] += pow_abs<kSquare>(to_acc(in[u].v[j]), p);
+      }
+      for (; k < cv; k += tpp) {
+        const Pack<T, V> in = load_pack<T, V>(x + k * V);
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[0] += pow_abs<kSquare>(to_acc(in.v[j]), p);
+      }
+    }
+    float tot = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    for (int off = tpp / 2; off > 0; off >>= 1) tot += __shfl_xor_sync(0xffffffffu, tot, off);
+    if (s < HW && sub == 0) a32[n * HW + s] = tot / static_cast<float>(C);
   }
 }
 
@@ -205,29 +252,72 @@ inline unsigned grid_y(int64_t rows) {
   return static_cast<unsigned>(rows < kMaxGridY ? (rows > 0 ? rows : 1) : kMaxGridY);
 }
 
+// Widest V (elements per access, at most 16 bytes) such that every access is V-aligned: the
+// base pointer, the strides and the contiguous extent are all multiples of V.
+template <typename T>
+int attn_vec(const T* f, int64_t extent, int64_t stride_a, int64_t stride_b) {
+  for (int V = 16 / static_cast<int>(sizeof(T)); V > 1; V /= 2) {
+    if (aligned_to(f, static_cast<unsigned>(V * sizeof(T))) && extent % V == 0 &&
+        stride_a % V == 0 && stride_b % V == 0)
+      return V;
+  }
+  return 1;
+}
+
+template <typename T, int V>
+void launch_map_nhwc(const T* f, const AttnGeom& g, float p, float* a32, cudaStream_t stream) {
+  const int C = static_cast<int>(g.C), HW = static_cast<int>(g.H * g.W);
+  // About four vector loads per thread per pixel; at most a warp per pixel.
+  const int tpp = pow2_at_least(ceil_div(C / V, 4), 1, 32);
+  const dim3 grid(static_cast<unsigned>(ceil_div(HW, kThreads / tpp)), grid_y(g.N));
+  if (p == 2.f)
+    map_nhwc_kernel<T, true, V><<<grid, kThreads, 0, stream>>>(f, a32, g.N, C, HW, g.stride_n, g.stride_s, p, tpp);
+  else
+    map_nhwc_kernel<T, false, V><<<grid, kThreads, 0, stream>>>(f, a32, g.N, C, HW, g.stride_n, g.stride_s, p, tpp);
+}
+
+template <typename T, int V>
+void launch_map_nchw(const T* f, const AttnGeom& g, float p, float* a32, cudaStream_t stream) {
+  const int C = static_cast<int>(g.C), HW = static_cast<int>(g.H * g.W);
+  const int64_t hwv = HW / V;
+  // Pixel vectors per block: the smallest power of two >= HW / V in 32..kThreads, halved
+  // (more channel groups per block) while the grid is short of ~4 blocks per SM.
+  int block_s = pow2_at_least(hwv, 32, kThreads);
+  const int64_t target = 4LL * sm_count();
+  while (block_s > 32 && 2 * (kThreads / block_s) <= C &&
+         ceil_div(hwv, block_s) * static_cast<int64_t>(grid_y(g.N)) < target)
+    block_s /= 2;
+  const dim3 grid(static_cast<unsigned>(ceil_div(hwv, block_s)), grid_y(g.N));
+  if (p == 2.f)
+    map_nchw_kernel<T, true, V><<<grid, kThreads, 0, stream>>>(f, a32, g.N, C, HW, g.stride_n, g.stride_c, p, block_s);
+  else
+    map_nchw_kernel<T, false, V><<<grid, kThreads, 0, stream>>>(f, a32, g.N, C, HW, g.stride_n, g.stride_c, p, block_s);
+}
+
+// Calls launch<V>() with the runtime vector width V in {1, 2, 4, 8}.
+template <typename F>
+void with_vec(int V, F&& launch) {
+  switch (V) {
+    case 8: launch(std::integral_constant<int, 8>{}); break;
+    case 4: launch(std::integral_constant<int, 4>{}); break;
+    case 2: launch(std::integral_constant<int, 2>{}); break;
+    default: launch(std::integral_constant<int, 1>{}); break;
+  }
+}
+
 template <typename T>
 cudaError_t map_fwd_typed(const T* f, const AttnGeom& g, float p, float* a32, T* amap, T* anorm,
                           T* center, float* stats, cudaStream_t stream) {
-  const int C = static_cast<int>(g.C), HW = static_cast<int>(g.H * g.W);
-  const bool square = p == 2.f;
   if (g.channels_last) {
-    dim3 grid((HW + kWarps - 1) / kWarps, grid_y(g.N));
-    if (square)
-      map_nhwc_kernel<T, true><<<grid, kThreads, 0, stream>>>(f, a32, g.N, C, HW, g.stride_n,
-                                                              g.stride_s, p);
-    else
-      map_nhwc_kernel<T, false><<<grid, kThreads, 0, stream>>>(f, a32, g.N, C, HW, g.stride_n,
-                                                               g.stride_s, p);
+    with_vec(attn_vec(f, g.C, g.stride_n, g.stride_s), [&](auto v) {
+      constexpr int V = decltype(v)::value;
+      if constexpr (V * sizeof(T) <= 16) launch_map_nhwc<T, V>(f, g, p, a32, stream);
+    });
   } else {
-    int block_s = 32;  // pixels per block: the smallest power of two >= HW, 32..kThreads
-    while (block_s < HW && block_s < kThreads) block_s *= 2;
-    dim3 grid((HW + block_s - 1) / block_s, grid_y(g.N));
-    if (square)
-      map_nchw_kernel<T, true><<<grid, kThreads, 0, stream>>>(f, a32, g.N, C, HW, g.stride_n,
-                                                              g.stride_c, p, block_s);
-    else
-      map_nchw_kernel<T, false><<<grid, kThreads, 0, stream>>>(f, a32, g.N, C, HW, g.stride_n,
-                                                               g.stride_c, p, block_s);
+    with_vec(attn_vec(f, g.H * g.W, g.stride_n, g.stride_c), [&](auto v) {
+      constexpr int V = decltype(v)::value;
+      if constexpr (V * sizeof(T) <= 16) launch_map_nchw<T, V>(f, g, p, a32, stream);
+    });
   }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
