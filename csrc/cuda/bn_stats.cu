@@ -1,7 +1,8 @@
 // See bn_stats.cuh. Each block reduces one tile with per-thread shifted sums (shift k = the
 // channel's first element, the same for all tiles of a channel, so fp32 sums stay small for
 // data with a large mean), turns them into (count, mean - k, M2) and merges those with
-// Chan's formula; a second small kernel merges each channel's partials and adds k back.
+// Chan's formula; a second kernel merges each channel's partials (a tree over partial rows,
+// see bn_combine_kernel) and adds k back.
 #include "bn_stats.cuh"
 
 #include <cuda_bf16.h>
@@ -174,29 +175,50 @@ bn_partial_kernel(const int64_t* __restrict__ layers, int n_layers, float* __res
   }
 }
 
-__global__ void bn_combine_kernel(const int64_t* __restrict__ layers, int n_layers,
-                                  const float* __restrict__ part, int64_t n_slots,
-                                  float* __restrict__ out, int64_t total_c) {
-  int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (g >= total_c) return;
-  int lo = 0, hi = n_layers - 1;
-  while (lo < hi) {
-    int mid = (lo + hi + 1) >> 1;
-    if (layers[mid * kBnLayerFields + kBnCBase] <= g) lo = mid; else hi = mid - 1;
-  }
-  const int64_t* L = layers + lo * kBnLayerFields;
-  const int64_t C = L[kBnC], P = L[kBnP];
-  const int64_t c = g - L[kBnCBase];
+// Combine: a block per 32 consecutive global channels x kBnCombineRows partial rows. Lane =
+// channel (a layer's partials for consecutive channels are adjacent, so the loads coalesce),
+// row r merges partials r, r + rows, ... in order, then a shared-memory tree merges the rows.
+// Chan's merge is accurate in any order (the partial means are about one shift per channel);
+// this order differs from a serial left-to-right merge only by rounding.
+constexpr int kBnCombineRows = 32;
+
+__global__ void __launch_bounds__(kBnChanBlock * kBnCombineRows)
+bn_combine_kernel(const int64_t* __restrict__ layers, int n_layers,
+                  const float* __restrict__ part, int64_t n_slots, float* __restrict__ out,
+                  int64_t total_c) {
+  __shared__ Welford sh[kBnCombineRows][kBnChanBlock];
+  const int lane = threadIdx.x % kBnChanBlock, row = threadIdx.x / kBnChanBlock;
+  const int64_t g = static_cast<int64_t>(blockIdx.x) * kBnChanBlock + lane;
+  const int64_t* L = nullptr;
+  int64_t c = 0;
   Welford w{0.f, 0.f, 0.f};
-  for (int64_t p = 0; p < P; ++p) {
-    int64_t slot = L[kBnPBase] + p * C + c;
-    w = chan_merge(w, Welford{part[slot], part[n_slots + slot], part[2 * n_slots + slot]});
+  if (g < total_c) {
+    int lo = 0, hi = n_layers - 1;
+    while (lo < hi) {
+      int mid = (lo + hi + 1) >> 1;
+      if (layers[mid * kBnLayerFields + kBnCBase] <= g) lo = mid; else hi = mid - 1;
+    }
+    L = layers + lo * kBnLayerFields;
+    const int64_t C = L[kBnC], P = L[kBnP];
+    c = g - L[kBnCBase];
+    int64_t slot = L[kBnPBase] + row * C + c;
+    for (int64_t p = row; p < P; p += kBnCombineRows, slot += kBnCombineRows * C)
+      w = chan_merge(w, Welford{part[slot], part[n_slots + slot], part[2 * n_slots + slot]});
   }
-  // Partial means are about the shift k = the channel's first element (small numbers, so
-  // Chan's deltas lose nothing); add k back once.
-  const float k = load_as_float(L[kBnX], static_cast<int>(L[kBnDtype]), c * L[kBnStrideC]);
-  out[g] = w.mean + k;
-  out[total_c + g] = w.n > 0.f ? w.m2 / w.n : 0.f;
+  sh[row][lane] = w;
+  for (int h = kBnCombineRows / 2; h > 0; h >>= 1) {
+    __syncthreads();
+    if (row < h) sh[row][lane] = chan_merge(sh[row][lane], sh[row + h][lane]);
+  }
+  __syncthreads();
+  if (row == 0 && L != nullptr) {
+    w = sh[0][lane];
+    // Partial means are about the shift k = the channel's first element (small numbers, so
+    // Chan's deltas lose nothing); add k back once.
+    const float k = load_as_float(L[kBnX], static_cast<int>(L[kBnDtype]), c * L[kBnStrideC]);
+    out[g] = w.mean + k;
+    out[total_c + g] = w.n > 0.f ? w.m2 / w.n : 0.f;
+  }
 }
 
 __global__ void
@@ -232,11 +254,10 @@ void bn_stats_forward(const int64_t* layers_dev, int n_layers, int64_t n_tiles, 
   if (n_tiles > 0)
     bn_partial_kernel<<<static_cast<unsigned int>(n_tiles), kBnThreads, 0, stream>>>(
         layers_dev, n_layers, partials, n_slots);
-  const int threads = 256;
-  const unsigned int blocks = static_cast<unsigned int>((total_c + threads - 1) / threads);
+  const unsigned int blocks = static_cast<unsigned int>((total_c + kBnChanBlock - 1) / kBnChanBlock);
   if (blocks > 0)
-    bn_combine_kernel<<<blocks, threads, 0, stream>>>(layers_dev, n_layers, partials, n_slots,
-                                                      out, total_c);
+    bn_combine_kernel<<<blocks, kBnChanBlock * kBnCombineRows, 0, stream>>>(
+        layers_dev, n_layers, partials, n_slots, out, total_c);
 }
 
 void bn_stats_backward(const int64_t* layers_dev, int n_layers, int64_t n_tiles,
