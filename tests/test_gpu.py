@@ -206,16 +206,119 @@ def test_fake_quantize_moving_average(backend, dtype, layout):
     close_quantized(ggot[0], gref[0], float(gref[0].float().abs().max()) + 1e-6, "grad x")
 
 
+# Layouts of the per-channel reductions (CUDA: channel-innermost tiles, run tiles, several
+# block rows + a finishing pass): (shape, memory format, axis). Odd channel counts and odd
+# runs take the scalar paths, even ones the 128-bit ones; 70000 channels > one grid row's
+# 65535; the large ones give several block rows per channel.
+REDUCTION_LAYOUTS = {
+    "nhwc_axis1": ((4, 48, 7, 9), "channels_last", 1),
+    "nhwc_axis1_odd": ((3, 37, 5, 7), "channels_last", 1),
+    "nhwc_axis1_tall": ((32, 64, 28, 28), "channels_last", 1),
+    "nchw_axis1": ((4, 24, 12, 12), "contiguous", 1),
+    "nchw_axis1_odd": ((5, 11, 7, 7), "contiguous", 1),
+    "nchw_axis1_tall": ((256, 16, 14, 14), "contiguous", 1),
+    "last_axis": ((6, 5, 40), "contiguous", 2),
+    "huge_channels": ((3, 70000), "contiguous", 1),
+    "huge_channels_rows": ((2, 70000, 3), "contiguous", 1),
+}
+
+
+def reduction_input(key, dtype, scale=1.0):
+    shape, fmt, axis = REDUCTION_LAYOUTS[key]
+    t = torch.randn(shape, device=DEV, dtype=dtype) * scale
+    if fmt == "channels_last":
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t, axis
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("key", sorted(REDUCTION_LAYOUTS))
+def test_fake_quantize_minmax_per_channel_layouts(backend, dtype, key):
+    """Per-channel observer on every reduction layout: the qparams exactly as the reference's
+    (min/max are exact in any order), the output within rounding ties."""
+    backends_or_skip(backend)
+    w, axis = reduction_input(key, dtype, 0.05)
+    w.requires_grad_(True)
+
+    def fn(w):
+        return acq_kernels.fake_quantize_minmax(w, -8, 7, axis=axis)
+
+    ref, gref, _ = run("reference", fn, dict(w=w), ["w"])
+    got, ggot, _ = run(backend, fn, dict(w=w), ["w"])
+    torch.testing.assert_close(got[1].float(), ref[1].float(), rtol=1e-6, atol=1e-9)  # scale
+    torch.testing.assert_close(got[2].float(), ref[2].float(), rtol=0, atol=0)        # zero point
+    assert got[0].stride() == w.stride()
+    close_quantized(got[0], ref[0], float(ref[1].max()), "out")
+    close_quantized(ggot[0], gref[0], float(gref[0].float().abs().max()) + 1e-6, "grad w")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("key", sorted(REDUCTION_LAYOUTS))
+def test_fake_quantize_learnable_per_channel_layouts(backend, dtype, key):
+    backends_or_skip(backend)
+    x, axis = reduction_input(key, dtype, 2.0)
+    x.requires_grad_(True)
+    c = x.shape[axis]
+    scale = (torch.rand(c, device=DEV) * 0.2 + 0.05).requires_grad_(True)
+    zp = (torch.randn(c, device=DEV) * 2).requires_grad_(True)
+
+    def fn(x, scale, zp):
+        return acq_kernels.fake_quantize_learnable(x, scale, zp, -8, 7, axis=axis, grad_factor=0.5)
+
+    inputs = dict(x=x, scale=scale, zp=zp)
+    ref, gref, _ = run("reference", fn, inputs, ["x", "scale", "zp"])
+    got, ggot, _ = run(backend, fn, inputs, ["x", "scale", "zp"])
+    close_quantized(got[0], ref[0], float(scale.detach().max()), "out")
+    close_quantized(ggot[0], gref[0], float(gref[0].float().abs().max()) + 1e-6, "grad x")
+    per_channel = x.numel() // c
+    for i, name in ((1, "grad scale"), (2, "grad zp")):
+        torch.testing.assert_close(ggot[i].float(), gref[i].float(), rtol=2e-2, atol=1e-2 * per_channel ** 0.5,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("numel", (1, 4093, 1 << 20, (1 << 20) + 5))
+def test_per_tensor_reductions_odd_sizes(backend, dtype, numel):
+    """Per-tensor min/max and LSQ on sizes with a scalar tail after the 128-bit bulk (and one
+    large enough for every pass-1 block), including an unaligned view."""
+    backends_or_skip(backend)
+    base = torch.randn(numel + 1, device=DEV, dtype=dtype) * 3
+    for x in (base[:numel], base[1:]):  # base[1:] is not 16-byte aligned
+        ref, _, _ = run("reference", lambda x: acq_kernels.fake_quantize_minmax(x, 0, 255), dict(x=x), [])
+        got, _, _ = run(backend, lambda x: acq_kernels.fake_quantize_minmax(x, 0, 255), dict(x=x), [])
+        torch.testing.assert_close(got[1].float(), ref[1].float(), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(got[2].float(), ref[2].float(), rtol=0, atol=0)
+        close_quantized(got[0], ref[0], float(ref[1].max()), "minmax out")
+        xl = x.detach().clone().requires_grad_(True)
+        inputs = dict(x=xl, scale=torch.tensor([0.05], device=DEV, requires_grad=True),
+                      zp=torch.tensor([100.3], device=DEV, requires_grad=True))
+        fn = lambda x, scale, zp: acq_kernels.fake_quantize_learnable(x, scale, zp, 0, 255)  # noqa: E731
+        ref, gref, _ = run("reference", fn, inputs, ["x", "scale", "zp"])
+        got, ggot, _ = run(backend, fn, inputs, ["x", "scale", "zp"])
+        close_quantized(ggot[0], gref[0], float(gref[0].float().abs().max()) + 1e-6, "lsq grad x")
+        for i in (1, 2):
+            torch.testing.assert_close(ggot[i].float(), gref[i].float(), rtol=2e-2, atol=1e-2 * numel ** 0.5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Attention maps and their losses
 # ---------------------------------------------------------------------------------------------
+# Map shapes: odd maps and channel counts (scalar paths), 14x14 / 8-channel multiples (vector
+# paths), a 3-channel input, a wide 512-channel one and a 56x56 map (several pixel blocks).
+ATTENTION_SHAPES = ((6, 37, 9, 11), (4, 64, 14, 14), (3, 3, 7, 7), (2, 512, 7, 7), (2, 16, 56, 56))
+
+
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("p", (2, 1))
-def test_spatial_attention(backend, dtype, layout, p):
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_spatial_attention(backend, dtype, layout, p, shape):
     backends_or_skip(backend)
-    feat = feature((6, 37, 9, 11), dtype, layout).requires_grad_(True)
+    feat = feature(shape, dtype, layout).requires_grad_(True)
     fn = lambda feat: acq_kernels.spatial_attention(feat, p=p)  # noqa: E731
     ref, gref, _ = run("reference", fn, dict(feat=feat), ["feat"])
     got, ggot, _ = run(backend, fn, dict(feat=feat), ["feat"])
@@ -263,6 +366,22 @@ def test_bn_stats(backend, dtype):
     got, ggot, _ = run(backend, lambda xs: acq_kernels.bn_stats(xs), dict(xs=xs), ["xs"])
     close(got, ref, torch.float32 if dtype == torch.float32 else torch.float16, "mean/var")
     close(ggot, gref, dtype, "grads")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_bn_stats_many_partials(backend):
+    """Layers with hundreds of partials per channel (the combine's tree over partial rows) and
+    channel counts that straddle the combine's 32-channel blocks."""
+    backends_or_skip(backend)
+    xs = [(torch.randn(32, 40, 56, 56, device=DEV) * 2 + 3).contiguous(memory_format=torch.channels_last),
+          torch.randn(64, 7, 30, 30, device=DEV) - 1,
+          torch.randn(4096, 35, device=DEV)]
+    for x in xs:
+        x.requires_grad_(True)
+    ref, gref, _ = run("reference", lambda xs: acq_kernels.bn_stats(xs), dict(xs=xs), ["xs"])
+    got, ggot, _ = run(backend, lambda xs: acq_kernels.bn_stats(xs), dict(xs=xs), ["xs"])
+    close(got, ref, torch.float32, "mean/var")
+    close(ggot, gref, torch.float32, "grads")
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

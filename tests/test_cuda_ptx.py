@@ -1,0 +1,185 @@
+"""Performance intent of the CUDA kernels, checked without a GPU: each csrc/cuda/*.cu file is
+compiled once per test session for sm_90 (PTX kept, ptxas -v for spills), and the kernels that
+must stream at bandwidth are asserted to use 128-bit global loads, to spill nothing to local
+memory, and to do no 64-bit integer division inside any loop (a per-element `div.s64` is a
+subroutine call of ~70 instructions). Skipped where nvcc or c++filt is missing."""
+import os
+import re
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NVCC = shutil.which("nvcc")
+CXXFILT = shutil.which("c++filt")
+pytestmark = pytest.mark.skipif(NVCC is None or CXXFILT is None,
+                                reason="needs nvcc and c++filt")
+
+FILES = ("fake_quant", "attention", "bn_stats")
+# The three element types the 128-bit paths serve, with their elements per 16 bytes.
+VEC_TYPES = (("float", 4), ("__half", 8), ("__nv_bfloat16", 8))
+
+_DIV64 = re.compile(r"^\s*(?:@%p\d+\s+)?(?:div|rem)\.[su]64\b")
+_LD_V4 = re.compile(r"\bld\.global(?:\.\w+)*?\.v4\.")  # .nc, cache and eviction hints allowed
+_ST_V4 = re.compile(r"\bst\.global(?:\.\w+)*?\.v4\.")
+_ENTRY = re.compile(r"^(?:\.visible\s+|\.weak\s+)?\.(?:entry|func)\s+(?:\([^)]*\)\s*)?([\w$]+)\s*\(",
+                    re.M)
+
+
+class Compiled:
+    """One .cu file's PTX functions (demangled name -> body) and ptxas spill figures."""
+
+    def __init__(self, ptx: str, ptxas_log: str):
+        starts = [(m.start(), m.group(1)) for m in _ENTRY.finditer(ptx)]
+        mangled = [name for _, name in starts]
+        names = _demangle(mangled)
+        self.bodies = {}
+        for i, (pos, _) in enumerate(starts):
+            end = starts[i + 1][0] if i + 1 < len(starts) else len(ptx)
+            self.bodies[names[i]] = ptx[pos:end]
+        self.spills = {}  # demangled name -> (stack frame, spill stores, spill loads) bytes
+        props = re.findall(r"Function properties for ([\w$]+)\s*\n\s*(\d+) bytes stack frame, "
+                           r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log)
+        for name, (_, frame, st, ld) in zip(_demangle([p[0] for p in props]), props):
+            self.spills[name] = (int(frame), int(st), int(ld))
+
+    def kernel(self, pattern: str):
+        """The one kernel whose demangled name matches `pattern` (a regex on its signature)."""
+        hits = [n for n in self.bodies if re.search(pattern, n)]
+        assert len(hits) == 1, f"{pattern!r} matched {hits}"
+        return hits[0]
+
+
+def _demangle(names):
+    if not names:
+        return []
+    out = subprocess.run([CXXFILT], input="\n".join(names), capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    return [re.sub(r"acq::cuda::\(anonymous namespace\)::", "", n) for n in out]
+
+
+def loop_lines(body: str):
+    """Lines of `body` inside some loop: between a label and a later branch back to it."""
+    lines = body.splitlines()
+    labels = {}
+    inside = [False] * len(lines)
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\$L__\w+):", line.strip())
+        if m:
+            labels[m.group(1)] = i
+            continue
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__\w+);", line)
+        if m and m.group(1) in labels:  # a backward branch closes a loop
+            for k in range(labels[m.group(1)], i + 1):
+                inside[k] = True
+    return [line for line, flag in zip(lines, inside) if flag]
+
+
+def div64_in_loops(body: str):
+    return [line.strip() for line in loop_lines(body) if _DIV64.match(line)]
+
+
+def _compile(src: str, out_dir: str) -> Compiled:
+    name = os.path.splitext(os.path.basename(src))[0]
+    cubin = os.path.join(out_dir, name + ".cubin")
+    cmd = [NVCC, "-std=c++17", "-O3", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-keep",
+           "-keep-dir", out_dir, "-I", os.path.join(ROOT, "csrc"), src, "-o", cubin]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+    ptx_files = [f for f in os.listdir(out_dir) if f.startswith(name) and f.endswith(".ptx")]
+    assert ptx_files, f"nvcc -keep left no PTX for {name}"
+    with open(os.path.join(out_dir, sorted(ptx_files)[0])) as f:
+        return Compiled(f.read(), res.stderr)
+
+
+@pytest.fixture(scope="session")
+def cu(tmp_path_factory):
+    """name -> Compiled, the three kernel files compiled in parallel once per session."""
+    dirs = {n: str(tmp_path_factory.mktemp(f"ptx_{n}")) for n in FILES}
+    with ThreadPoolExecutor(len(FILES)) as pool:
+        futs = {n: pool.submit(_compile, os.path.join(ROOT, "csrc", "cuda", n + ".cu"), dirs[n])
+                for n in FILES}
+        return {n: f.result() for n, f in futs.items()}
+
+
+def assert_streams(c: Compiled, pattern: str, loads: int = 1, stores: int = 0):
+    """The kernel has >= `loads` 128-bit global loads (and `stores` stores), no spills and no
+    64-bit integer division inside a loop."""
+    name = c.kernel(pattern)
+    body = c.bodies[name]
+    assert len(_LD_V4.findall(body)) >= loads, f"{name}: fewer than {loads} 128-bit loads"
+    assert len(_ST_V4.findall(body)) >= stores, f"{name}: fewer than {stores} 128-bit stores"
+    assert_lean(c, name)
+
+
+def assert_lean(c: Compiled, name: str):
+    assert name in c.spills, f"{name}: no ptxas report"
+    assert c.spills[name] == (0, 0, 0), f"{name}: stack/spills {c.spills[name]}"
+    bad = div64_in_loops(c.bodies[name])
+    assert not bad, f"{name}: 64-bit integer division in a loop: {bad[:3]}"
+
+
+def test_detector_flags_a_per_element_64_bit_division(tmp_path):
+    """The loop scan sees what the old per-channel observer did (j / inner on int64 per
+    element), and a division hoisted before the loop passes."""
+    src = tmp_path / "probe.cu"
+    src.write_text("""
+__global__ void per_elem(const float* x, float* y, long n, long inner) {
+  for (long j = threadIdx.x; j < n; j += blockDim.x) y[j] = x[(j / inner) * 3];
+}
+__global__ void hoisted(const float* x, float* y, long n, long inner) {
+  const long q = n / inner;
+  for (long j = threadIdx.x; j < n; j += blockDim.x) y[j] = x[j] * q;
+}
+""")
+    c = _compile(str(src), str(tmp_path))
+    assert div64_in_loops(c.bodies[c.kernel(r"^per_elem")])
+    assert not div64_in_loops(c.bodies[c.kernel(r"^hoisted")])
+
+
+@pytest.mark.parametrize("t,v", VEC_TYPES)
+def test_per_tensor_minmax_streams(cu, t, v):
+    assert_streams(cu["fake_quant"], rf"minmax_partial_kernel<{t}, {v}>")
+    assert_lean(cu["fake_quant"], cu["fake_quant"].kernel(rf"minmax_partial_kernel<{t}, 1>"))
+
+
+@pytest.mark.parametrize("t,v", VEC_TYPES)
+def test_per_channel_minmax_is_coalesced_and_division_free(cu, t, v):
+    """Channels innermost: threads across channels with 128-bit loads; runs: 128-bit loads
+    along each run; neither divides per element."""
+    c = cu["fake_quant"]
+    assert_streams(c, rf"minmax_columns_kernel<{t}, {v}, false>")
+    assert_streams(c, rf"minmax_rows_kernel<{t}, {v}>")
+    for scalar in (rf"minmax_columns_kernel<{t}, 1, false>", rf"minmax_rows_kernel<{t}, 1>"):
+        assert_lean(c, c.kernel(scalar))
+    assert_lean(c, c.kernel(r"minmax_columns_kernel<float, 1, true>"))  # the finishing pass
+    assert not any("minmax_channel_kernel" in n for n in c.bodies)  # the strided one is gone
+
+
+@pytest.mark.parametrize("t,v", VEC_TYPES)
+def test_lsq_backward_streams(cu, t, v):
+    """grad and x read, dx written, with 128-bit accesses on every layout."""
+    c = cu["fake_quant"]
+    for k in ("lsq_flat_kernel", "lsq_columns_kernel", "lsq_rows_kernel"):
+        assert_streams(c, rf"{k}<{t}, {v}>", loads=2, stores=1)
+        assert_lean(c, c.kernel(rf"{k}<{t}, 1>"))
+    assert_lean(c, c.kernel(r"lsq_finish_kernel"))
+
+
+@pytest.mark.parametrize("t,v", VEC_TYPES)
+@pytest.mark.parametrize("square", ("true", "false"))
+def test_attention_map_streams(cu, t, v, square):
+    """Four independent 128-bit loads per loop trip in both layouts."""
+    c = cu["attention"]
+    for k in ("map_nchw_kernel", "map_nhwc_kernel"):
+        assert_streams(c, rf"{k}<{t}, {square}, {v}>", loads=4)
+        assert_lean(c, c.kernel(rf"{k}<{t}, {square}, 1>"))
+
+
+def test_bn_combine_is_lean(cu):
+    c = cu["bn_stats"]
+    name = c.kernel(r"bn_combine_kernel")
+    assert_lean(c, name)
+    assert "bar.sync" in c.bodies[name]  # the tree over partial rows
