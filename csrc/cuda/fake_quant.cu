@@ -22,7 +22,7 @@ namespace acq::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-// Pass-1 blocks of the per-tensor min/max (= partials each fused fake-quant block re-reduces):
+// Pass-1 blocks of the per-tensor min/max (= partials that one finishing block reduces):
 // sized to the device, four 128-bit loads in flight per thread.
 constexpr int kPartialBlocksPerSm = 4;
 // Pass-1 blocks of a per-channel min/max (its partials [gy, C] go to one finishing pass).
@@ -185,8 +185,9 @@ __device__ __forceinline__ void calc_qparams(float mn, float mx, int qmin, int q
   *zero_point = zp;
 }
 
-// Per-tensor qparams computed in every block from the min/max partials (optionally after the
-// moving-average update); block 0 writes them (and the updated buffers) out.
+// Per-tensor qparams from the min/max partials (optionally after the moving-average update),
+// computed once by minmax_finish_kernel and written to scale_out / zero_point_out (and the
+// updated buffers), which the per-tensor fake-quant launch then reads.
 struct MinMaxFinish {
   const float* partials = nullptr;  // [nparts mins][nparts maxs][old min, old max]
   int nparts = 0;
@@ -213,7 +214,9 @@ MinMaxFinish qparams_finish(float* workspace, int nparts, float* scale, int32_t*
   return fin;
 }
 
-__device__ void finish_minmax(const MinMaxFinish& f, int qmin, int qmax, float* s_qp) {
+// Pass 2 of the per-tensor observer: one block reduces the (at most 4 x SM) partials.
+__global__ void __launch_bounds__(kThreads)
+    minmax_finish_kernel(MinMaxFinish f, int qmin, int qmax) {
   float mn = kInf, mx = -kInf;
   for (int i = threadIdx.x; i < f.nparts; i += blockDim.x) {
     mn = nan_min(mn, f.partials[i]);
@@ -223,7 +226,7 @@ __device__ void finish_minmax(const MinMaxFinish& f, int qmin, int qmax, float* 
   if (threadIdx.x == 0) {
     if (f.moving_average) {
       // MovingAverageMinMaxObserver.forward, on the buffers as they were before this call
-      // (snapshotted by the partials pass, since block 0 overwrites them below).
+      // (snapshotted by the partials pass).
       const float old_min = f.partials[2 * f.nparts];
       const float old_max = f.partials[2 * f.nparts + 1];
       if (!(old_min == kInf && old_max == -kInf)) {
@@ -231,32 +234,20 @@ __device__ void finish_minmax(const MinMaxFinish& f, int qmin, int qmax, float* 
         mn = __fadd_rn(old_min, __fmul_rn(c, __fsub_rn(mn, old_min)));
         mx = __fadd_rn(old_max, __fmul_rn(c, __fsub_rn(mx, old_max)));
       }
-      if (blockIdx.x == 0) {
-        *f.min_val = mn;
-        *f.max_val = mx;
-      }
+      *f.min_val = mn;
+      *f.max_val = mx;
     }
-    float s;
-    int32_t zp;
-    calc_qparams(mn, mx, qmin, qmax, f.symmetric, f.eps, &s, &zp);
-    if (blockIdx.x == 0) {
-      *f.scale_out = s;
-      *f.zero_point_out = zp;
-    }
-    s_qp[0] = s;
-    s_qp[1] = static_cast<float>(zp);
+    calc_qparams(mn, mx, qmin, qmax, f.symmetric, f.eps, f.scale_out, f.zero_point_out);
   }
-  __syncthreads();
 }
 
 // The fake-quant kernel. PerChannel: qparams per element from scale[c] / zero_point[c];
-// ZpBefore: float zero point added before rounding; FromMinMax: per-tensor qparams from
-// min/max partials (fused observer).
-template <typename T, int V, bool PerChannel, bool ZpBefore, bool FromMinMax>
+// ZpBefore: float zero point added before rounding.
+template <typename T, int V, bool PerChannel, bool ZpBefore>
 __global__ void __launch_bounds__(kThreads)
     fq_kernel(const T* __restrict__ x, T* __restrict__ out, uint8_t* __restrict__ mask,
               FqLayout l, const float* __restrict__ scale, const void* __restrict__ zero_point,
-              bool zp_is_float, int quant_min, int quant_max, MinMaxFinish fin) {
+              bool zp_is_float, int quant_min, int quant_max) {
   using A = acc_t<T>;
   const A qmin = static_cast<A>(quant_min);
   const A qmax = static_cast<A>(quant_max);
@@ -266,20 +257,13 @@ __global__ void __launch_bounds__(kThreads)
 
   A t_sc = 0, t_inv = 0, t_zp = 0;  // per-tensor qparams
   if constexpr (!PerChannel) {
-    float s, z;
-    if constexpr (FromMinMax) {
-      __shared__ float s_qp[2];
-      finish_minmax(fin, quant_min, quant_max, s_qp);
-      s = s_qp[0];
-      z = s_qp[1];
+    const float s = scale[0];
+    float z;
+    if (zp_is_float) {  // torch's per-tensor float zero point: clamp(rne(zp))
+      z = rintf(static_cast<const float*>(zero_point)[0]);
+      z = fminf(fmaxf(z, static_cast<float>(quant_min)), static_cast<float>(quant_max));
     } else {
-      s = scale[0];
-      if (zp_is_float) {  // torch's per-tensor float zero point: clamp(rne(zp))
-        z = rintf(static_cast<const float*>(zero_point)[0]);
-        z = fminf(fmaxf(z, static_cast<float>(quant_min)), static_cast<float>(quant_max));
-      } else {
-        z = static_cast<float>(static_cast<const int32_t*>(zero_point)[0]);
-      }
+      z = static_cast<float>(static_cast<const int32_t*>(zero_point)[0]);
     }
     t_sc = s;
     t_inv = static_cast<A>(__frcp_rn(s));  // correctly rounded, == 1.0f / s
@@ -875,20 +859,19 @@ void dispatch(DType dt, F&& f) {
   }
 }
 
-template <typename T, int V, bool PerChannel, bool ZpBefore, bool FromMinMax>
+template <typename T, int V, bool PerChannel, bool ZpBefore>
 void launch_fq(const T* x, T* out, uint8_t* mask, const FqLayout& l, const float* scale,
-               const void* zp, bool zp_is_float, int qmin, int qmax, const MinMaxFinish& fin,
-               cudaStream_t stream) {
+               const void* zp, bool zp_is_float, int qmin, int qmax, cudaStream_t stream) {
   const int blocks = elementwise_blocks(ceil_div(l.n, V));
-  fq_kernel<T, V, PerChannel, ZpBefore, FromMinMax><<<blocks, kThreads, 0, stream>>>(
-      x, out, mask, l, scale, zp, zp_is_float, qmin, qmax, fin);
+  fq_kernel<T, V, PerChannel, ZpBefore><<<blocks, kThreads, 0, stream>>>(
+      x, out, mask, l, scale, zp, zp_is_float, qmin, qmax);
 }
 
 // Picks the vector width from the pointers' alignment.
-template <typename T, bool PerChannel, bool ZpBefore, bool FromMinMax>
+template <typename T, bool PerChannel, bool ZpBefore>
 void launch_fq_any(const void* x, void* out, uint8_t* mask, const FqLayout& l,
                    const float* scale, const void* zp, bool zp_is_float, int qmin, int qmax,
-                   const MinMaxFinish& fin, cudaStream_t stream) {
+                   cudaStream_t stream) {
   constexpr int V = 16 / sizeof(T);
   const T* xt = static_cast<const T*>(x);
   T* ot = static_cast<T*>(out);
@@ -896,13 +879,13 @@ void launch_fq_any(const void* x, void* out, uint8_t* mask, const FqLayout& l,
   // per-channel stays scalar (its vector variant spills around the fp64 rint/div calls).
   if constexpr (!PerChannel || sizeof(T) < 8) {
     if (aligned16(x) && aligned16(out) && (!PerChannel || l.inner >= V)) {
-      launch_fq<T, V, PerChannel, ZpBefore, FromMinMax>(xt, ot, mask, l, scale, zp, zp_is_float,
-                                                        qmin, qmax, fin, stream);
+      launch_fq<T, V, PerChannel, ZpBefore>(xt, ot, mask, l, scale, zp, zp_is_float, qmin, qmax,
+                                            stream);
       return;
     }
   }
-  launch_fq<T, 1, PerChannel, ZpBefore, FromMinMax>(xt, ot, mask, l, scale, zp, zp_is_float,
-                                                    qmin, qmax, fin, stream);
+  launch_fq<T, 1, PerChannel, ZpBefore>(xt, ot, mask, l, scale, zp, zp_is_float, qmin, qmax,
+                                        stream);
 }
 
 // Pass 1 of the per-tensor observer: partial min/max into ws; returns the partial count.
@@ -1019,18 +1002,17 @@ void fq_forward(DType dt, const void* x, void* out, uint8_t* mask, const FqLayou
                 const float* scale, const void* zero_point, bool zp_is_float, int quant_min,
                 int quant_max, cudaStream_t stream) {
   if (l.n <= 0) return;
-  const MinMaxFinish none{};
   dispatch(dt, [&](auto tag) {
     using T = decltype(tag);
     if (!l.per_channel) {
-      launch_fq_any<T, false, false, false>(x, out, mask, l, scale, zero_point, zp_is_float,
-                                            quant_min, quant_max, none, stream);
+      launch_fq_any<T, false, false>(x, out, mask, l, scale, zero_point, zp_is_float, quant_min,
+                                     quant_max, stream);
     } else if (zp_is_float) {
-      launch_fq_any<T, true, true, false>(x, out, mask, l, scale, zero_point, true, quant_min,
-                                          quant_max, none, stream);
+      launch_fq_any<T, true, true>(x, out, mask, l, scale, zero_point, true, quant_min,
+                                   quant_max, stream);
     } else {
-      launch_fq_any<T, true, false, false>(x, out, mask, l, scale, zero_point, false, quant_min,
-                                           quant_max, none, stream);
+      launch_fq_any<T, true, false>(x, out, mask, l, scale, zero_point, false, quant_min,
+                                    quant_max, stream);
     }
   });
 }
@@ -1135,8 +1117,9 @@ void fq_minmax_forward(DType dt, const void* x, void* out, uint8_t* mask, const 
       const MinMaxFinish fin = qparams_finish(
           workspace, launch_minmax_partials<T>(x, l.n, workspace, nullptr, nullptr, stream), scale,
           zero_point, symmetric, eps);
-      launch_fq_any<T, false, false, true>(x, out, mask, l, nullptr, nullptr, false, quant_min,
-                                           quant_max, fin, stream);
+      minmax_finish_kernel<<<1, kThreads, 0, stream>>>(fin, quant_min, quant_max);
+      launch_fq_any<T, false, false>(x, out, mask, l, scale, zero_point, false, quant_min,
+                                     quant_max, stream);
       return;
     }
     const int64_t L = l.n / l.channels;
@@ -1156,9 +1139,8 @@ void fq_minmax_forward(DType dt, const void* x, void* out, uint8_t* mask, const 
     o.scale = scale;
     o.zero_point = zero_point;
     launch_channel_minmax<T>(static_cast<const T*>(x), l, o, workspace, stream);
-    const MinMaxFinish none{};
-    launch_fq_any<T, true, false, false>(x, out, mask, l, scale, zero_point, false, quant_min,
-                                         quant_max, none, stream);
+    launch_fq_any<T, true, false>(x, out, mask, l, scale, zero_point, false, quant_min,
+                                  quant_max, stream);
   });
 }
 
@@ -1181,8 +1163,9 @@ void fq_moving_average_forward(DType dt, const void* x, void* out, uint8_t* mask
     fin.averaging_constant = averaging_constant;
     fin.min_val = min_val;
     fin.max_val = max_val;
-    launch_fq_any<T, false, false, true>(x, out, mask, l, nullptr, nullptr, false, quant_min,
-                                         quant_max, fin, stream);
+    minmax_finish_kernel<<<1, kThreads, 0, stream>>>(fin, quant_min, quant_max);
+    launch_fq_any<T, false, false>(x, out, mask, l, scale, zero_point, false, quant_min,
+                                   quant_max, stream);
   });
 }
 

@@ -47,14 +47,15 @@ void fq_learnable_backward(DType dt, const void* grad, const void* x, void* dx, 
 // Floats of workspace fq_minmax_forward / fq_moving_average_forward need.
 size_t minmax_workspace_floats(const FqLayout& l);
 
-// Observer (min/max -> qparams as torch's _calculate_qparams) fused with the fake quant.
+// Observer (min/max -> qparams as torch's _calculate_qparams), then the fake quant with them.
 // scale [channels] float32, zero_point [channels] int32 are written on the device.
 void fq_minmax_forward(DType dt, const void* x, void* out, uint8_t* mask, const FqLayout& l,
                        int quant_min, int quant_max, bool symmetric, float eps, float* scale,
                        int32_t* zero_point, float* workspace, cudaStream_t stream);
 
 // Per-tensor moving-average observer update (in place on min_val/max_val/scale/zero_point)
-// fused with the fake quant: two launches, no host sync.
+// with the fake quant: partial min/max, one finishing block (buffers and qparams), fake quant;
+// no host sync.
 void fq_moving_average_forward(DType dt, const void* x, void* out, uint8_t* mask, int64_t n,
                                float* min_val, float* max_val, float* scale,
                                int32_t* zero_point, float averaging_constant, int quant_min,
