@@ -31,7 +31,7 @@ _ENTRY = re.compile(r"^(?:\.visible\s+|\.weak\s+)?\.(?:entry|func)\s+(?:\([^)]*\
 # Kernels whose ptxas report (spills) is needed: ptxas runs on these entries only, which keeps
 # the session's compile to a few seconds per file.
 CHECKED = re.compile(r"^void (?:minmax_(?:partial|columns|rows)_kernel|lsq_\w+_kernel|"
-                     r"map_nchw_kernel|map_nhwc_kernel)<(?:float|__half|__nv_bfloat16)\b|"
+                     r"map_nchw_kernel|map_nhwc_kernel|feat_bwd_kernel)<(?:float|__half|__nv_bfloat16)\b|"
                      r"^(?:bn_combine_kernel|lsq_finish_kernel|per_elem|hoisted)\(")
 
 
@@ -190,6 +190,16 @@ def test_attention_map_streams(cu, t, v, square):
     for k in ("map_nchw_kernel", "map_nhwc_kernel"):
         assert_streams(c, rf"{k}<{t}, {square}, {v}>", loads=4)
         assert_lean(c, c.kernel(rf"{k}<{t}, {square}, 1>"))
+
+
+@pytest.mark.parametrize("t,v", VEC_TYPES)
+@pytest.mark.parametrize("channels_last", ("false", "true"))
+def test_attention_feature_backward_streams(cu, t, v, channels_last):
+    """128-bit loads of f, stores of df; the index divisions run per vector (32-bit index)."""
+    c = cu["attention"]
+    for square in ("true", "false"):
+        assert_streams(c, rf"feat_bwd_kernel<{t}, {square}, {channels_last}, unsigned int, {v}>",
+                       loads=1, stores=1)
 
 
 def test_bn_combine_is_lean(cu):

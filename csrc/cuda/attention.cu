@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -225,26 +226,50 @@ __device__ __forceinline__ float grad_elem(float x, float d, float pm1) {
   }
 }
 
-// Elementwise over all N*C*HW elements in memory-friendly order (the contiguous axis fastest);
-// Index is uint32_t when the count allows (cheaper divisions), else uint64_t.
-template <typename T, bool kSquare, bool kChannelsLast, typename Index>
-__global__ void feat_bwd_kernel(const T* __restrict__ f, const float* __restrict__ dA,
-                                T* __restrict__ df, Index total, Index C, Index HW, int64_t in_n,
-                                int64_t in_mid, int64_t out_n, int64_t out_mid, float scale,
-                                float pm1) {
-  const Index inner = kChannelsLast ? C : HW;
+// Elementwise over all N*C*HW elements in memory-friendly order (the contiguous axis fastest),
+// V consecutive elements of the contiguous axis per step (up to 128-bit loads and stores of f
+// and df; the host picks V > 1 only when every access is V-aligned), so the index divisions
+// run once per V elements. Index is uint32_t when the count allows (cheaper divisions), else
+// uint64_t.
+template <typename T, bool kSquare, bool kChannelsLast, typename Index, int V>
+__global__ void __launch_bounds__(kThreads)
+    feat_bwd_kernel(const T* __restrict__ f, const float* __restrict__ dA, T* __restrict__ df,
+                    Index total, Index C, Index HW, int64_t in_n, int64_t in_mid, int64_t out_n,
+                    int64_t out_mid, float scale, float pm1) {
+  const Index inner_v = (kChannelsLast ? C : HW) / V;
   const Index outer = kChannelsLast ? HW : C;
-  for (Index idx = static_cast<Index>(blockIdx.x) * kThreads + threadIdx.x; idx < total;
+  const Index total_v = total / V;
+  for (Index idx = static_cast<Index>(blockIdx.x) * kThreads + threadIdx.x; idx < total_v;
        idx += static_cast<Index>(gridDim.x) * kThreads) {
-    const Index i = idx % inner;
-    const Index r = idx / inner;
+    const Index i = (idx % inner_v) * V;
+    const Index r = idx / inner_v;
     const Index n = r / outer;
     const Index m = r - n * outer;  // c (nchw) or s (nhwc)
-    const float d = (kChannelsLast ? dA[r] : dA[n * HW + i]) * scale;
     const int64_t in_off = static_cast<int64_t>(n) * in_n + static_cast<int64_t>(m) * in_mid + i;
-    const float x = to_acc(f[in_off]);
-    df[static_cast<int64_t>(n) * out_n + static_cast<int64_t>(m) * out_mid + i] =
-        from_acc<T>(grad_elem<kSquare>(x, d, pm1));
+    const Pack<T, V> x = load_pack<T, V>(f + in_off);
+    float d[V];
+    if constexpr (kChannelsLast) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) d[j] = dA[r] * scale;
+    } else {
+      const float* da = dA + static_cast<int64_t>(n) * HW + i;
+      if constexpr (V >= 4) {
+#pragma unroll
+        for (int j = 0; j < V; j += 4) {
+          const Pack<float, 4> q = load_pack<float, 4>(da + j);
+#pragma unroll
+          for (int k = 0; k < 4; ++k) d[j + k] = q.v[k] * scale;
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) d[j] = da[j] * scale;
+      }
+    }
+    Pack<T, V> y;
+#pragma unroll
+    for (int j = 0; j < V; ++j) y.v[j] = from_acc<T>(grad_elem<kSquare>(to_acc(x.v[j]), d[j], pm1));
+    *reinterpret_cast<Pack<T, V>*>(df + static_cast<int64_t>(n) * out_n +
+                                   static_cast<int64_t>(m) * out_mid + i) = y;
   }
 }
 
@@ -331,19 +356,29 @@ cudaError_t feat_bwd_indexed(const T* f, const float* dA, T* df, const AttnGeom&
                              int64_t out_n, int64_t out_mid, float p, cudaStream_t stream) {
   const int64_t total = g.N * g.C * g.H * g.W;
   const int64_t in_mid = kChannelsLast ? g.stride_s : g.stride_c;
-  // Enough blocks to fill any current GPU; the grid-stride loop covers the rest.
-  const int64_t blocks_needed = (total + kThreads - 1) / kThreads;
-  const unsigned blocks = static_cast<unsigned>(blocks_needed < 65536 ? blocks_needed : 65536);
+  const int64_t inner = kChannelsLast ? g.C : g.H * g.W;
+  // V-aligned f and df accesses (and 16-byte dA loads for NCHW, V >= 4).
+  int V = std::min(attn_vec(f, inner, g.stride_n, in_mid), attn_vec(df, inner, out_n, out_mid));
+  if (!kChannelsLast && V >= 4 && !aligned_to(dA, 16)) V = 2;
   const Index C = static_cast<Index>(g.C), HW = static_cast<Index>(g.H * g.W);
   const float pm1 = p - 1.f;
-  if (p == 2.f)
-    feat_bwd_kernel<T, true, kChannelsLast, Index><<<blocks, kThreads, 0, stream>>>(
-        f, dA, df, static_cast<Index>(total), C, HW, g.stride_n, in_mid, out_n, out_mid,
-        2.f / static_cast<float>(g.C), pm1);
-  else
-    feat_bwd_kernel<T, false, kChannelsLast, Index><<<blocks, kThreads, 0, stream>>>(
-        f, dA, df, static_cast<Index>(total), C, HW, g.stride_n, in_mid, out_n, out_mid,
-        p / static_cast<float>(g.C), pm1);
+  const float scale = (p == 2.f ? 2.f : p) / static_cast<float>(g.C);
+  with_vec(V, [&](auto v) {
+    constexpr int VV = decltype(v)::value;
+    if constexpr (VV * sizeof(T) <= 16) {
+      // Enough blocks to fill any current GPU; the grid-stride loop covers the rest.
+      const int64_t blocks_needed = (total / VV + kThreads - 1) / kThreads;
+      const unsigned blocks = static_cast<unsigned>(blocks_needed < 65536 ? blocks_needed : 65536);
+      if (p == 2.f)
+        feat_bwd_kernel<T, true, kChannelsLast, Index, VV><<<blocks, kThreads, 0, stream>>>(
+            f, dA, df, static_cast<Index>(total), C, HW, g.stride_n, in_mid, out_n, out_mid, scale,
+            pm1);
+      else
+        feat_bwd_kernel<T, false, kChannelsLast, Index, VV><<<blocks, kThreads, 0, stream>>>(
+            f, dA, df, static_cast<Index>(total), C, HW, g.stride_n, in_mid, out_n, out_mid, scale,
+            pm1);
+    }
+  });
   return cudaGetLastError();
 }
 
