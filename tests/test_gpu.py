@@ -217,6 +217,7 @@ REDUCTION_LAYOUTS = {
     "nchw_axis1": ((4, 24, 12, 12), "contiguous", 1),
     "nchw_axis1_odd": ((5, 11, 7, 7), "contiguous", 1),
     "nchw_axis1_tall": ((256, 16, 14, 14), "contiguous", 1),
+    "nchw_axis1_one_sample": ((1, 8, 96, 96), "contiguous", 1),  # long runs split across blocks
     "last_axis": ((6, 5, 40), "contiguous", 2),
     "huge_channels": ((3, 70000), "contiguous", 1),
     "huge_channels_rows": ((2, 70000, 3), "contiguous", 1),

@@ -550,12 +550,14 @@ __global__ void __launch_bounds__(kThreads)
 
 // LSQ backward, pass 1, inner > 1: channel c is `rows` contiguous runs of inner = inner_v * V
 // elements at (q * C + c) * inner. Block (c, y): a [rpb, tpr] thread tile, lanes over a run
-// (128-bit loads when inner % V == 0), tile rows over runs; no per-element division.
+// (128-bit loads when inner % V == 0), tile rows over runs; the gridDim.y block rows are
+// gridDim.y / gi groups over the runs x gi slices of each run (so few long runs, e.g. N = 1
+// activations, still spread over many blocks); no per-element division.
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads, 4)
     lsq_rows_kernel(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ dx,
                     const float* __restrict__ scale, const float* __restrict__ zero_point,
-                    int64_t rows, int64_t C, int64_t inner_v, int tpr, bool per_channel,
+                    int64_t rows, int64_t C, int64_t inner_v, int tpr, int gi, bool per_channel,
                     int quant_min, int quant_max, float grad_factor, float* __restrict__ dscale,
                     float* __restrict__ dzero_point, float* __restrict__ partials) {
   using A = acc_t<T>;
@@ -563,12 +565,14 @@ __global__ void __launch_bounds__(kThreads, 4)
   const A gf = static_cast<A>(grad_factor);
   const int col = threadIdx.x % tpr, r = threadIdx.x / tpr, rpb = blockDim.x / tpr;
   const int64_t run = inner_v * V, row_stride = C * run;
-  const int64_t step = static_cast<int64_t>(gridDim.y) * rpb;
+  const int yq = blockIdx.y / gi, yi = blockIdx.y % gi;  // once per block
+  const int64_t q_step = static_cast<int64_t>(gridDim.y / gi) * rpb;
+  const int64_t i_step = static_cast<int64_t>(gi) * tpr;
   for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {  // block-uniform
     const LsqParams<A> p = lsq_params<A>(scale, zero_point, c, per_channel, quant_min, quant_max);
     A s_ds = 0, s_dz = 0;
-    for (int64_t i = col; i < inner_v; i += tpr) {
-      for (int64_t q = static_cast<int64_t>(blockIdx.y) * rpb + r; q < rows; q += step) {
+    for (int64_t i = static_cast<int64_t>(yi) * tpr + col; i < inner_v; i += i_step) {
+      for (int64_t q = static_cast<int64_t>(yq) * rpb + r; q < rows; q += q_step) {
         const int64_t o = q * row_stride + c * run + i * V;
         const Vec<T, V> g = load_vec<T, V>(grad + o);
         const Vec<T, V> xv = load_vec<T, V>(x + o);
@@ -801,19 +805,22 @@ __global__ void __launch_bounds__(kThreads)
 // Per-channel min/max for inner > 1 (channel c is `rows` contiguous runs of inner = inner_v * V
 // elements at (q * C + c) * inner): block (c, y), a [rpb, tpr] thread tile with lanes along a
 // run (128-bit loads when inner % V == 0) and tile rows over runs, two runs in flight per
-// thread; no per-element division.
+// thread; block rows split as in lsq_rows_kernel (runs x gi run slices); no per-element
+// division.
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads, 4)
     minmax_rows_kernel(const T* __restrict__ x, int64_t rows, int64_t C, int64_t inner_v,
-                       int tpr, ChannelMinMaxOut o) {
+                       int tpr, int gi, ChannelMinMaxOut o) {
   const int col = threadIdx.x % tpr, r = threadIdx.x / tpr, rpb = blockDim.x / tpr;
   const int64_t run = inner_v * V, row_stride = C * run;
-  const int64_t step = static_cast<int64_t>(gridDim.y) * rpb;
+  const int yq = blockIdx.y / gi, yi = blockIdx.y % gi;  // once per block
+  const int64_t step = static_cast<int64_t>(gridDim.y / gi) * rpb;
+  const int64_t i_step = static_cast<int64_t>(gi) * tpr;
   for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {  // block-uniform
     float mn = kInf, mx = -kInf;
-    for (int64_t i = col; i < inner_v; i += tpr) {
+    for (int64_t i = static_cast<int64_t>(yi) * tpr + col; i < inner_v; i += i_step) {
       const T* base = x + c * run + i * V;
-      int64_t q = static_cast<int64_t>(blockIdx.y) * rpb + r;
+      int64_t q = static_cast<int64_t>(yq) * rpb + r;
       for (; q + step < rows; q += 2 * step) {
         const Vec<T, V> v0 = load_vec<T, V>(base + q * row_stride);
         const Vec<T, V> v1 = load_vec<T, V>(base + (q + step) * row_stride);
@@ -908,21 +915,25 @@ int launch_minmax_partials(const void* x, int64_t n, float* ws, const float* min
 // `width` vectors) and grid (gx, gy) of a per-channel reduction's first pass. columns: the
 // channel-innermost kernels (width = vectors per row, gx tiles across the channels); else
 // the run kernels (width = vectors per run, one block column per channel). gy block rows
-// share the rows, aiming at `target` blocks in all.
+// share the rows, aiming at `target` blocks in all; run kernels split any budget the rows
+// leave over into gi slices of each run (gy = row groups x gi).
 struct TilePlan {
   int tpr = 1;
+  int gi = 1;
   int64_t gx = 1, gy = 1;
 };
+
+int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 TilePlan plan_tile(bool columns, int64_t C, int64_t rows, int64_t width, int64_t target) {
   TilePlan t;
   t.tpr = pow2_at_least(width, 1, kThreads);
   const int64_t rpb = kThreads / t.tpr;
   t.gx = columns ? ceil_div(width, t.tpr) : (C < (1 << 30) ? C : (1 << 30));
-  int64_t gy = target / t.gx;
-  gy = gy < ceil_div(rows, rpb) ? gy : ceil_div(rows, rpb);
-  gy = gy < 65535 ? gy : 65535;
-  t.gy = gy < 1 ? 1 : gy;
+  const int64_t budget = clamp64(target / t.gx, 1, 65535);  // block rows
+  const int64_t gq = clamp64(ceil_div(rows, rpb), 1, budget);
+  if (!columns) t.gi = static_cast<int>(clamp64(ceil_div(width, t.tpr), 1, budget / gq));
+  t.gy = gq * t.gi;
   return t;
 }
 
@@ -973,9 +984,9 @@ void launch_channel_minmax(const T* x, const FqLayout& l, ChannelMinMaxOut o, fl
       minmax_columns_kernel<T, 1, false><<<grid, kThreads, 0, stream>>>(x, x, rows, l.channels, t.tpr, o);
   } else {
     if (V == VV)
-      minmax_rows_kernel<T, VV><<<grid, kThreads, 0, stream>>>(x, rows, l.channels, l.inner / VV, t.tpr, o);
+      minmax_rows_kernel<T, VV><<<grid, kThreads, 0, stream>>>(x, rows, l.channels, l.inner / VV, t.tpr, t.gi, o);
     else
-      minmax_rows_kernel<T, 1><<<grid, kThreads, 0, stream>>>(x, rows, l.channels, l.inner, t.tpr, o);
+      minmax_rows_kernel<T, 1><<<grid, kThreads, 0, stream>>>(x, rows, l.channels, l.inner, t.tpr, t.gi, o);
   }
   {  // finish: [gy, C] partials -> qparams, threads across channels
     const int tpr = pow2_at_least(l.channels, 1, 32);
@@ -1085,11 +1096,11 @@ void fq_learnable_backward(DType dt, const void* grad, const void* x, void* dx, 
     } else {
       if (V == VV)
         lsq_rows_kernel<T, VV><<<grid, kThreads, 0, stream>>>(
-            g, xt, d, scale, zero_point, rows, l.channels, l.inner / VV, t.tpr, l.per_channel,
+            g, xt, d, scale, zero_point, rows, l.channels, l.inner / VV, t.tpr, t.gi, l.per_channel,
             quant_min, quant_max, grad_factor, dscale, dzero_point, workspace);
       else
         lsq_rows_kernel<T, 1><<<grid, kThreads, 0, stream>>>(
-            g, xt, d, scale, zero_point, rows, l.channels, l.inner, t.tpr, l.per_channel,
+            g, xt, d, scale, zero_point, rows, l.channels, l.inner, t.tpr, t.gi, l.per_channel,
             quant_min, quant_max, grad_factor, dscale, dzero_point, workspace);
     }
   });
