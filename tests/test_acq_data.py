@@ -3,7 +3,9 @@ import torch
 
 from acq.data import DIGITS_TEST, DIGITS_TRAIN, evaluate, load_digits_split, TensorData
 from acq.demo import format_table
-from acq.models import attention_layers, build_model, digits_net, resnet20, INPUT_SHAPE
+from acq import graph
+from acq.models import build_model, digits_net, resnet20, INPUT_SHAPE
+from acq.quant import WEIGHT_TYPES
 
 
 def test_digits_split_shapes_range_and_determinism():
@@ -30,16 +32,23 @@ def test_evaluate_counts_correct_predictions():
     assert evaluate(Oracle(), data) == 75.0
 
 
+def _stages(model, shape):
+    gm = graph.trace(model)
+    graph.propagate_shapes(gm, shape)
+    return graph.stage_outputs(gm, WEIGHT_TYPES)
+
+
 def test_models_and_attention_layers():
     m = digits_net()
     assert 70_000 < sum(p.numel() for p in m.parameters()) < 80_000
-    assert len(attention_layers(m)) == 3 and INPUT_SHAPE["digits_net"] == (1, 16)
+    # the residual stages' outputs, found from the graph (the one-conv stem is no stage)
+    assert _stages(m, (1, 1, 16, 16)) == ["layer1_0_relu2", "layer2_0_relu2", "layer3_0_relu2"]
+    assert INPUT_SHAPE["digits_net"] == (1, 16)
     r = resnet20(100)
-    assert r(torch.randn(2, 3, 32, 32)).shape == (2, 100) and len(attention_layers(r)) == 3
-    tv = build_model("resnet18", 10)
-    assert len(attention_layers(tv)) == 4 and tv(torch.randn(1, 3, 64, 64)).shape == (1, 10)
-    relus = [n for n, mod in tv.named_modules() if isinstance(mod, torch.nn.ReLU)]
-    assert len(relus) == 1 + 8 * 2  # each call site its own module
+    assert r(torch.randn(2, 3, 32, 32)).shape == (2, 100) and len(_stages(r, (1, 3, 32, 32))) == 3
+    tv = build_model("resnet18", 10)  # torchvision's own definition, random weights
+    assert _stages(tv, (1, 3, 64, 64)) == [f"layer{i}_1_relu_1" for i in range(1, 5)]
+    assert tv(torch.randn(1, 3, 64, 64)).shape == (1, 10)
 
 
 def test_table_formatting_uses_measured_values():

@@ -5,7 +5,7 @@ from torch import nn
 
 import acq_kernels
 from acq.errors import AcqError
-from acq.generator import build_generator, Generator, Generator224
+from acq.generator import build_generator, Generator, GeneratorImageNet
 from acq.models import digits_net, resnet20
 from acq.quant import (ActQuant, QuantConv2d, QuantLinear, act_quantizers, calibrate_on_noise, quantize_model,
                        set_observing)
@@ -111,8 +111,8 @@ def test_generators_shapes_and_condition():
     assert not torch.allclose(a, b)
     g2 = build_generator(10, 32, 3, width=32, use_center=False)
     assert g2(torch.randn(2, 100), torch.arange(2)).shape == (2, 3, 32, 32)
-    g3 = build_generator(1000, 224, 3, width=16)
-    assert isinstance(g3, Generator224)
+    g3 = build_generator(1000, 224, 3, width=16)  # GDFQ's ImageNet generator: 56 -> 112 -> 224
+    assert isinstance(g3, GeneratorImageNet) and g3.init_size == 56 and g3.label_emb is None
     assert g3(torch.randn(2, 100), torch.tensor([0, 999]), torch.zeros(2, 2)).shape == (2, 3, 224, 224)
 
 

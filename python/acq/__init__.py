@@ -8,7 +8,8 @@ __version__ = "0.1.0"
 
 from .config import Config, make_config  # noqa: E402,F401
 from .errors import AcqError  # noqa: E402,F401
-from .generator import Generator, Generator224, build_generator  # noqa: E402,F401
-from .models import build_model, attention_layers  # noqa: E402,F401
-from .quant import ActQuant, QuantConv2d, QuantLinear, quantize_model, set_observing  # noqa: E402,F401
+from .generator import Generator, GeneratorImageNet, build_generator  # noqa: E402,F401
+from .models import build_model, load_teacher_weights  # noqa: E402,F401
+from .quant import (ActQuant, QuantConv2d, QuantLinear, WeightQuant, quantize_model, set_observing,  # noqa: E402,F401
+                    summary)
 from .trainer import Trainer, freeze_teacher  # noqa: E402,F401

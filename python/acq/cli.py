@@ -17,7 +17,12 @@ EXIT_USAGE = 2
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="digits_net | resnet20 | resnet18 | resnet50")
+    p.add_argument("--model", help="digits_net (default) | resnet20 | any torchvision classification model "
+                                   "(resnet18, mobilenet_v2, ...) | pytorchcv:NAME (e.g. pytorchcv:resnet20_cifar10); "
+                                   "random weights unless --teacher-weights, never downloaded")
+    p.add_argument("--image-size", type=int, help="input height = width (default: the model's / dataset's: "
+                                                  "digits 16, CIFAR 32, else 224)")
+    p.add_argument("--in-channels", type=int, help="input channels (default: the model's: digits_net 1, else 3)")
     p.add_argument("--dataset", help="evaluation data: digits | cifar10 | cifar100 | imagenet")
     p.add_argument("--num-classes", type=int, help="class count (default: the dataset's)")
     p.add_argument("--teacher-weights", help="state dict file of the FP teacher")
@@ -38,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--a-bits", type=int)
     t.add_argument("--first-last-bits", type=int)
     t.add_argument("--ste", help="pure | clipped")
+    t.add_argument("--weight-range", choices=("zero", "raw"),
+                   help="per-channel weight range: zero = torch.ao's rule, includes 0 (default); raw = GDFQ's [min, max]")
+    t.add_argument("--attention-layers", type=lambda s: [v for v in s.split(",") if v], metavar="NAME,NAME",
+                   help="modules whose outputs are the attention layers S (default: each stage's output, "
+                        "found from the traced graph)")
     t.add_argument("--epochs", type=int)
     t.add_argument("--iters", dest="iters_per_epoch", type=int, help="iterations per epoch")
     t.add_argument("--batch-size", type=int)
@@ -120,9 +130,8 @@ def _teacher_for(cfg, progress=True):
         from .teacher import digits_teacher
         return digits_teacher(os.path.join(default_cache_dir(), f"digits_teacher_seed{cfg.seed}.pt"), cfg.seed,
                               progress=progress)[0]
-    if cfg.model in ("resnet18", "resnet50"):
-        return build_model(cfg.model, cfg.classes, pretrained=True)
-    raise AcqError(f"model {cfg.model!r} needs --teacher-weights (train one with `acq teacher`)")
+    raise AcqError(f"model {cfg.model!r} needs --teacher-weights FILE (weights are never downloaded; "
+                   "train one with `acq teacher`)")
 
 
 def _eval_data(cfg):
@@ -189,7 +198,7 @@ def cmd_teacher(args) -> int:
     from .models import build_model
 
     cfg = make_config(**{k: getattr(args, k) for k in ("model", "dataset", "num_classes", "data_dir", "device",
-                                                       "seed", "backend") if getattr(args, k) is not None})
+                                                       "seed", "backend", "image_size", "in_channels") if getattr(args, k) is not None})
     if args.epochs < 1:
         raise AcqError(f"--epochs must be >= 1, got {args.epochs}")
     out_dir = os.path.dirname(os.path.abspath(args.out))
@@ -225,7 +234,8 @@ def cmd_eval(args) -> int:
     else:
         file = None
         cfg = make_config(**{k: getattr(args, k) for k in ("model", "dataset", "num_classes", "teacher_weights",
-                                                           "data_dir", "device", "seed", "backend")
+                                                           "data_dir", "device", "seed", "backend",
+                                                           "image_size", "in_channels")
                              if getattr(args, k) is not None})
     import acq_kernels
     acq_kernels.set_backend(cfg.backend)
@@ -235,7 +245,8 @@ def cmd_eval(args) -> int:
     model = _teacher_for(cfg, progress=False)
     what = f"FP {cfg.model}"
     if file:
-        model = quantize_model(model, cfg.w_bits, cfg.a_bits, cfg.first_last_bits, cfg.ste, cfg.act_momentum)
+        model = quantize_model(model, cfg.w_bits, cfg.a_bits, cfg.first_last_bits, cfg.ste, cfg.act_momentum,
+                               cfg.weight_range)
         model.load_state_dict(state["student"])
         set_observing(model, False)
         what = f"W{cfg.w_bits}A{cfg.a_bits} student of {file}"

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 
 from .data import DATASETS, NUM_CLASSES
 from .errors import AcqError
-from .models import MODELS
-from .quant import STE_MODES, check_bits
+from .generator import GENERATORS
+from .models import check_model_name, default_input_shape
+from .quant import STE_MODES, WEIGHT_RANGES, check_bits
 
 KD_REDUCTIONS = ("batchmean", "mean")
 BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
@@ -24,12 +25,15 @@ class Config:
     num_classes: int | None = None      # None: the dataset's
     teacher_weights: str | None = None
     data_dir: str | None = None
+    image_size: int | None = None       # None: the model's / dataset's (built-ins, CIFAR 32, else 224)
+    in_channels: int | None = None      # None: the model's (digits_net 1, else 3)
     # quantization
     w_bits: int = 4
     a_bits: int = 4
     first_last_bits: int | None = None  # None: same as w_bits
     ste: str = "pure"                   # GDFQ passes gradients straight through
     act_momentum: float = 0.9           # EMA momentum of activation ranges (averaging constant 0.1)
+    weight_range: str = "zero"          # "zero": torch.ao's rule (range includes 0); "raw": GDFQ's [min, max]
     # schedule (GDFQ protocol)
     epochs: int = 400
     iters_per_epoch: int = 200
@@ -38,9 +42,10 @@ class Config:
     range_epochs: int = 4
     lr_g: float = 1e-3
     lr_q: float = 1e-4
-    q_milestones: list = field(default_factory=lambda: [100, 200, 300])
+    q_milestones: list = field(default_factory=lambda: [100, 200, 300])  # absolute epochs; G's LR too
     weight_decay: float = 1e-4
     # generator
+    generator: str = "auto"             # "auto": GDFQ's ImageNet generator from 128 px, its CIFAR one below
     latent_dim: int = 100
     gen_width: int = 128
     center_range: float = 0.5           # c ~ U[-r, r]^2 (deep attention centers rarely reach the border)
@@ -52,6 +57,7 @@ class Config:
     lambda_cons: float = 1.0
     pair_margin: float = 1.0
     attention_p: float = 2.0
+    attention_layers: list | None = None  # module names for S; None: each stage's output, from the graph
     # student losses
     kd_temperature: float = 20.0
     kd_reduction: str = "batchmean"     # "mean" reproduces GDFQ's code (divides KD by the class count)
@@ -84,6 +90,17 @@ class Config:
         return self.num_classes if self.num_classes is not None else NUM_CLASSES[self.dataset]
 
     @property
+    def input_shape(self) -> tuple[int, int]:
+        """(channels, image size) of the teacher's input (and of the generator's output)."""
+        c, size = default_input_shape(self.model, self.dataset)
+        return (self.in_channels or c, self.image_size or size)
+
+    @property
+    def needs_attention(self) -> bool:
+        """Whether any loss term reads attention maps (else no feature tap is built)."""
+        return self.acq_terms_on or self.lambda_at > 0
+
+    @property
     def acq_terms_on(self) -> bool:
         return any(v > 0 for v in (self.lambda_acm, self.lambda_pair, self.lambda_cons))
 
@@ -95,8 +112,7 @@ class Config:
         return {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE_CHANGES}
 
     def validate(self) -> "Config":
-        if self.model not in MODELS:
-            raise AcqError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        check_model_name(self.model)
         if self.dataset not in DATASETS:
             raise AcqError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
         check_bits("w_bits", self.w_bits)
@@ -117,9 +133,28 @@ class Config:
                      "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise AcqError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("warmup_epochs", "range_epochs"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise AcqError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if not isinstance(self.warmup_epochs, int) or self.warmup_epochs < 0:
+            raise AcqError(f"warmup_epochs must be a non-negative integer, got {self.warmup_epochs!r}")
+        if not isinstance(self.range_epochs, int) or self.range_epochs < 1:
+            # zero epochs of observation would quantize with the initial scale 1 / zero point 0
+            raise AcqError(f"range_epochs must be an integer >= 1, got {self.range_epochs!r}")
+        for name in ("image_size", "in_channels"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise AcqError(f"{name} must be a positive integer, got {v!r}")
+        if self.input_shape[1] % 4:
+            raise AcqError(f"image_size must be a multiple of 4 (the generator upsamples x4), got {self.input_shape[1]}")
+        if self.weight_range not in WEIGHT_RANGES:
+            raise AcqError(f"weight_range must be one of {WEIGHT_RANGES}, got {self.weight_range!r}")
+        if self.generator not in GENERATORS:
+            raise AcqError(f"generator must be one of {GENERATORS}, got {self.generator!r}")
+        if self.attention_layers is not None and (
+                not isinstance(self.attention_layers, (list, tuple)) or not self.attention_layers
+                or not all(isinstance(n, str) and n for n in self.attention_layers)):
+            raise AcqError(f"attention_layers must be a non-empty list of module names, got {self.attention_layers!r}")
+        if not isinstance(self.q_milestones, (list, tuple)) or not all(
+                isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in self.q_milestones):
+            raise AcqError(f"q_milestones must be a list of positive epoch numbers, got {self.q_milestones!r}")
         if self.num_classes is not None and self.num_classes < 2:
             raise AcqError(f"num_classes must be >= 2, got {self.num_classes}")
         for name in ("lambda_ce", "beta_bns", "lambda_acm", "lambda_pair", "lambda_cons", "lambda_kd",
@@ -193,7 +228,7 @@ def make_config(file: str | None = None, **overrides) -> Config:
 def demo_defaults(**kw) -> dict:
     """Settings of the embedded default (digits) — calibrated to fit the demo's time budget."""
     d = dict(model="digits_net", dataset="digits", batch_size=64, epochs=8, iters_per_epoch=100,
-             warmup_epochs=1, range_epochs=2, lr_q=1e-4, q_milestones=[6], gen_width=64, latent_dim=64,
+             warmup_epochs=1, range_epochs=2, lr_q=1e-4, q_milestones=[7], gen_width=64, latent_dim=64,
              first_last_bits=None)
     d.update(kw)
     return d

@@ -67,25 +67,40 @@ def batch_stat_bn(model: nn.Module):
             m.training, m.track_running_stats = tr, trs
 
 
+class Captured:
+    """The feature maps of one capture (owned by the caller, not by the tap)."""
+
+    def __init__(self):
+        self.feats: list[torch.Tensor] = []
+
+
 class FeatureTap:
-    """Forward hooks that collect the outputs of the given modules while enabled."""
+    """Forward hooks that collect the outputs of the given modules during `capture()`.
+
+    The tap holds the capture's tensors only while it lasts, so no activation (and its autograd
+    graph) outlives it through the hooks, and a hooked model stays deep-copyable."""
 
     def __init__(self, modules):
-        self.feats: list[torch.Tensor] = []
-        self.enabled = False
+        self._current: Captured | None = None
         self._handles = [m.register_forward_hook(self._hook) for m in modules]
 
     def _hook(self, module, args, out):
-        if self.enabled:
-            self.feats.append(out)
+        if self._current is not None:
+            self._current.feats.append(out)
 
     @contextlib.contextmanager
     def capture(self):
-        self.feats, self.enabled = [], True
+        self._current = cap = Captured()
         try:
-            yield self
+            yield cap
         finally:
-            self.enabled = False
+            self._current = None
+
+    @staticmethod
+    @contextlib.contextmanager
+    def nothing():
+        """A capture context that collects nothing (no loss term needs attention maps)."""
+        yield Captured()
 
     def remove(self):
         for h in self._handles:

@@ -1,11 +1,7 @@
-"""Classifier models the loop quantizes, and where their attention layers (residual stages) are.
-
-Every model is built so that each ReLU call site is its own nn.ReLU module: the quantizer puts one
-activation quantizer (with its own range) after each, so shared modules would share a range.
+"""Teacher models: the built-ins (digits_net, resnet20), torchvision classification models and
+pytorchcv models (`pytorchcv:NAME`), all built with random weights, and loading a user's weights.
 """
 from __future__ import annotations
-
-import types
 
 import torch
 from torch import nn
@@ -13,14 +9,13 @@ import torch.nn.functional as F
 
 from .errors import AcqError
 
-MODELS = ("digits_net", "resnet20", "resnet18", "resnet50")
+BUILTINS = ("digits_net", "resnet20")
+MODELS = BUILTINS  # besides: any torchvision classification model name, pytorchcv:NAME
 
-# Input geometry per model: (channels, image size) — the generator is sized from it.
+# Input geometry of the built-ins: (channels, image size) — the generator is sized from it.
 INPUT_SHAPE = {
     "digits_net": (1, 16),
     "resnet20": (3, 32),
-    "resnet18": (3, 224),
-    "resnet50": (3, 224),
 }
 
 
@@ -79,93 +74,113 @@ def resnet20(num_classes: int = 10) -> SmallResNet:
     return SmallResNet(3, (16, 32, 64), 3, num_classes, stem=16)
 
 
-def _split_torchvision_relus(model: nn.Module) -> nn.Module:
-    """torchvision blocks call one `relu` module 2-3 times; give each call site its own module."""
-    from torchvision.models.resnet import BasicBlock as TvBasic, Bottleneck as TvBottleneck
-
-    def basic_forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu2(out + identity)
-
-    def bottleneck_forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.relu2(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu3(out + identity)
-
-    for m in model.modules():
-        if isinstance(m, (TvBasic, TvBottleneck)):
-            n = 2 if isinstance(m, TvBasic) else 3
-            del m.relu
-            for i in range(1, n + 1):
-                setattr(m, f"relu{i}", nn.ReLU(inplace=False))
-            m.forward = types.MethodType(basic_forward if n == 2 else bottleneck_forward, m)
-    model.relu = nn.ReLU(inplace=False)
-    return model
+PYTORCHCV = "pytorchcv:"
 
 
-def _torchvision_resnet(name: str, num_classes: int, pretrained: bool) -> nn.Module:
+def _torchvision_names() -> list[str]:
     try:
         import torchvision
-    except ImportError as exc:  # optional dependency
-        raise AcqError(f"model {name!r} needs torchvision (pip install torchvision)") from exc
-    weights = None
-    if pretrained:
-        if num_classes != 1000:
-            raise AcqError(f"torchvision's pretrained {name} has 1000 classes, not {num_classes}")
-        weights = "DEFAULT"
+    except ImportError:
+        return []
+    return torchvision.models.list_models(module=torchvision.models)  # classification models only
+
+
+def _pytorchcv_models() -> dict:
     try:
-        model = getattr(torchvision.models, name)(weights=weights, num_classes=num_classes)
-    except Exception as exc:  # no network, no cache
-        raise AcqError(f"could not get torchvision's pretrained {name} weights ({exc}); "
-                       "pass --teacher-weights FILE instead") from exc
-    return _split_torchvision_relus(model)
+        from pytorchcv.model_provider import _models
+    except ImportError:
+        raise AcqError("pytorchcv models need pytorchcv (pip install pytorchcv)") from None
+    return _models
 
 
-def build_model(name: str, num_classes: int, pretrained: bool = False) -> nn.Module:
+def check_model_name(name: str) -> str:
+    """A built-in, a torchvision classification model name, or pytorchcv:NAME; else an AcqError."""
+    if not isinstance(name, str) or not name:
+        raise AcqError(f"model must be a model name, got {name!r}")
+    if name in BUILTINS:
+        return name
+    if name.startswith(PYTORCHCV):
+        if name[len(PYTORCHCV):] not in _pytorchcv_models():
+            raise AcqError(f"unknown pytorchcv model {name[len(PYTORCHCV):]!r} (e.g. pytorchcv:resnet20_cifar10, "
+                           "pytorchcv:mobilenetv2_w1)")
+        return name
+    tv = _torchvision_names()
+    if name in tv:
+        return name
+    raise AcqError(f"unknown model {name!r}; choose one of {', '.join(BUILTINS)}, a torchvision classification "
+                   f"model ({'e.g. resnet18, mobilenet_v2' if tv else 'needs torchvision'}) or pytorchcv:NAME")
+
+
+def default_input_shape(model: str, dataset: str) -> tuple[int, int]:
+    """(channels, image size): the built-ins' own; otherwise RGB at the dataset's size (224 for
+    ImageNet and when the dataset says nothing, 32 for CIFAR and pytorchcv's *_cifar*/*_svhn* nets)."""
+    if model in INPUT_SHAPE:
+        return INPUT_SHAPE[model]
+    if dataset in ("cifar10", "cifar100") or (model.startswith(PYTORCHCV) and any(
+            t in model for t in ("_cifar", "_svhn"))):
+        return 3, 32
+    return 3, 224
+
+
+def build_model(name: str, num_classes: int) -> nn.Module:
+    """A model with random weights (never downloaded: weights come from the user's file)."""
+    check_model_name(name)
     if name == "digits_net":
         return digits_net(num_classes)
     if name == "resnet20":
         return resnet20(num_classes)
-    if name in ("resnet18", "resnet50"):
-        return _torchvision_resnet(name, num_classes, pretrained)
-    raise AcqError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    if name.startswith(PYTORCHCV):
+        from pytorchcv.model_provider import get_model
+        return get_model(name[len(PYTORCHCV):], pretrained=False, num_classes=num_classes)
+    import torchvision
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
 
-def attention_layers(model: nn.Module) -> list[nn.Module]:
-    """The set S: the output of every residual stage (3 for the CIFAR nets, 4 for ResNet-18/50)."""
-    names = [n for n in ("layer1", "layer2", "layer3", "layer4") if hasattr(model, n)]
-    if not names:
-        raise AcqError(f"{type(model).__name__} has no residual stages (layer1..layer4) to take attention from")
-    return [getattr(model, n) for n in names]
+def _state_dict_of(obj, path: str) -> dict:
+    """The tensor dict inside a checkpoint: plain, or under 'state_dict' / 'model' (nested ok)."""
+    for _ in range(3):
+        if isinstance(obj, dict):
+            inner = next((obj[k] for k in ("state_dict", "model", "model_state_dict") if isinstance(obj.get(k), dict)),
+                         None)
+            if inner is not None:
+                obj = inner
+                continue
+        break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise AcqError(f"teacher weights {path} do not hold a state dict (a dict of tensors, plain or under "
+                       "'state_dict' / 'model')")
+    prefix = "module."  # (Distributed)DataParallel
+    if all(k.startswith(prefix) for k in obj):
+        obj = {k[len(prefix):]: v for k, v in obj.items()}
+    return obj
 
 
-def classifier_head(model: nn.Module) -> nn.Linear:
-    return model.fc
+def _listing(keys, n: int = 6) -> str:
+    keys = list(keys)
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def load_teacher_weights(model: nn.Module, path: str, num_classes: int) -> None:
-    """Load a user's state dict (plain, or under 'state_dict'/'model'), checking the class count first."""
+def load_teacher_weights(model: nn.Module, path: str, num_classes: int | None = None) -> None:
+    """Load a user's torchvision / pytorchcv / acq state dict (plain, under 'state_dict' or 'model',
+    DataParallel 'module.' prefixes) into `model`, exactly: any missing, unexpected or mis-shaped key
+    is an AcqError naming them."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise AcqError(f"teacher weights file not found: {path}") from None
     except Exception as exc:
-        raise AcqError(f"could not read teacher weights {path}: {exc}") from None
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if key in obj and isinstance(obj[key], dict):
-                obj = obj[key]
-    if not isinstance(obj, dict):
-        raise AcqError(f"teacher weights {path} do not hold a state dict")
-    obj = {k.removeprefix("module."): v for k, v in obj.items()}
-    fc_w = obj.get("fc.weight")
-    if fc_w is not None and fc_w.shape[0] != num_classes:
-        raise AcqError(f"teacher {path} has {fc_w.shape[0]} classes but --num-classes is {num_classes}")
-    missing, unexpected = model.load_state_dict(obj, strict=False)
-    if missing or unexpected:
-        raise AcqError(f"teacher weights {path} do not match the model: "
-                       f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AcqError(f"could not read teacher weights {path}: {first}") from None
+    sd = _state_dict_of(obj, path)
+    own = model.state_dict()
+    optional = ("num_batches_tracked",)  # older torchvision checkpoints lack the BN counters
+    missing = [k for k in own if k not in sd and not k.endswith(optional)]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {list(sd[k].shape)} (model {list(own[k].shape)})" for k in own
+              if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{label} {_listing(keys)}" for label, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if keys]
+        hint = f"; is --num-classes ({num_classes}) right?" if shapes and num_classes is not None else ""
+        raise AcqError(f"teacher weights {path} do not match {type(model).__name__}: " + "; ".join(parts) + hint)
+    model.load_state_dict(sd, strict=False)

@@ -12,6 +12,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from . import graph
 from . import ops
 from .config import Config
 from .data import evaluate
@@ -19,8 +20,7 @@ from .errors import AcqError
 from .generator import build_generator
 from .losses import (FeatureTap, acm_loss, attention_of, batch_stat_bn, kd_loss, pair_loss,
                      stacked_sq_distance)
-from .models import INPUT_SHAPE, attention_layers
-from .quant import quantize_model, set_observing
+from .quant import WEIGHT_TYPES, quantize_model, quantized_output, set_observing
 
 LOSS_KEYS_G = ("g_ce", "g_bns", "g_acm", "g_pair", "g_cons", "g_total")
 LOSS_KEYS_Q = ("q_kd", "q_ce", "q_at", "q_total")
@@ -48,19 +48,21 @@ class Trainer:
         self.mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.teacher = freeze_teacher(teacher).to(self.device, memory_format=self.mf)
         self.student = quantize_model(self.teacher, cfg.w_bits, cfg.a_bits, cfg.first_last_bits, cfg.ste,
-                                      cfg.act_momentum).to(self.device, memory_format=self.mf)
-        channels, size = INPUT_SHAPE[cfg.model]
+                                      cfg.act_momentum, cfg.weight_range).to(self.device, memory_format=self.mf)
+        channels, size = cfg.input_shape
+        self.tap_t, self.tap_q = self._attention_taps(channels, size)
         self.generator = build_generator(cfg.classes, size, channels, cfg.latent_dim, cfg.gen_width,
-                                         use_center=cfg.lambda_acm > 0).to(self.device).train()
+                                         use_center=cfg.lambda_acm > 0, kind=cfg.generator).to(self.device).train()
         # capturable: Adam keeps its step counts on the device, so a CUDA graph can replay its update
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=(0.5, 0.999),
                                       capturable=cfg.cuda_graphs)
         self.opt_q = torch.optim.SGD(self.student.parameters(), lr=cfg.lr_q, momentum=0.9, nesterov=True,
                                      weight_decay=cfg.weight_decay)
+        # GDFQ: both learning rates x0.1 at the same absolute epochs (stepped every epoch, warm-up included)
         self.sched_q = torch.optim.lr_scheduler.MultiStepLR(self.opt_q, milestones=list(cfg.q_milestones),
                                                             gamma=0.1)
-        self.tap_t = FeatureTap(attention_layers(self.teacher))
-        self.tap_q = FeatureTap(attention_layers(self.student)) if cfg.lambda_at > 0 else None
+        self.sched_g = torch.optim.lr_scheduler.MultiStepLR(self.opt_g, milestones=list(cfg.q_milestones),
+                                                            gamma=0.1)
         self.epoch = 0           # next epoch to run
         self.iteration = 0       # global iterations done
         self.history: list[dict] = []
@@ -80,6 +82,27 @@ class Trainer:
         self._graph_lrs: tuple = ()
         self._graph_losses: dict = {}
         self._graph_warmup_left = GRAPH_WARMUP_STEPS
+
+    def _attention_taps(self, channels: int, size: int):
+        """(teacher tap, student tap or None). The teacher is traced (sharing its modules) and run once
+        on zeros to check the input geometry; the layers in S get tap points in the traced teacher
+        and, for attention transfer, after the matching quantizers in the student. No tap (and the
+        user's teacher untouched) when no loss term reads attention maps."""
+        cfg = self.cfg
+        traced = graph.trace(self.teacher)
+        graph.propagate_shapes(traced, (1, channels, size, size), self.device)
+        if not cfg.needs_attention:
+            return None, None
+        names = (graph.named_outputs(traced, cfg.attention_layers) if cfg.attention_layers
+                 else graph.stage_outputs(traced, WEIGHT_TYPES))
+        self.attention_nodes = names
+        tap_t = FeatureTap(graph.insert_taps(traced, names))
+        self.teacher = traced
+        tap_q = None
+        if cfg.lambda_at > 0:
+            tap_q = FeatureTap(graph.insert_taps(self.student, names,
+                                                 after=lambda n: quantized_output(self.student, n)))
+        return tap_t, tap_q
 
     def autocast(self):
         """The forward passes' precision context (backward and optimizer steps run outside it)."""
@@ -112,7 +135,7 @@ class Trainer:
         cfg = self.cfg
         x = self.g_forward(z, y, c).contiguous(memory_format=self.mf)
         zero = x.new_zeros((), dtype=torch.float32)  # losses are fp32 under autocast too
-        with self.tap_t.capture() as tap, ops.bn_stat_collector(self.teacher) as bns:
+        with self._tapped(self.tap_t) as tap, ops.bn_stat_collector(self.teacher) as bns:
             t_logits = self.teacher(x)
         feats_eval = tap.feats
         losses = {"g_ce": F.cross_entropy(t_logits, y) if cfg.lambda_ce > 0 else zero,
@@ -142,6 +165,10 @@ class Trainer:
                  + cfg.lambda_pair * losses["g_pair"] + cfg.lambda_cons * losses["g_cons"])
         losses["g_total"] = total
         return x, y, t_logits, feats_eval, losses
+
+    @staticmethod
+    def _tapped(tap):
+        return tap.capture() if tap is not None else FeatureTap.nothing()
 
     def student_step(self, x, y, t_logits, t_feats):
         with self.autocast():
@@ -256,10 +283,11 @@ class Trainer:
         bar.close()
         summary = {"kind": "epoch", "epoch": self.epoch, "iteration": self.iteration,
                    "seconds": round(time.perf_counter() - t0, 3),
-                   "lr_q": self.opt_q.param_groups[0]["lr"], "skipped_steps": self.skipped_steps,
+                   "lr_g": self.opt_g.param_groups[0]["lr"], "lr_q": self.opt_q.param_groups[0]["lr"],
+                   "skipped_steps": self.skipped_steps,
                    **{k: round(float(v) / cfg.iters_per_epoch, 5) for k, v in sums.items()}}
-        if self.epoch >= cfg.warmup_epochs:
-            self.sched_q.step()
+        self.sched_q.step()
+        self.sched_g.step()
         if self.eval_data is not None:
             set_observing(self.student, False)
             summary["acc"] = self._evaluate()
@@ -338,10 +366,10 @@ class Trainer:
             raise self._nonfinite_error(name, self.epoch, it)
 
     def close(self) -> None:
-        """Remove the feature hooks this trainer put on the (shared) teacher and the student."""
-        self.tap_t.remove()
-        if self.tap_q is not None:
-            self.tap_q.remove()
+        """Remove the feature hooks (they sit on this trainer's traced copies, not on the user's teacher)."""
+        for tap in (self.tap_t, self.tap_q):
+            if tap is not None:
+                tap.remove()
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -349,6 +377,7 @@ class Trainer:
                 "iteration": self.iteration, "generator": self.generator.state_dict(),
                 "student": self.student.state_dict(), "opt_g": self.opt_g.state_dict(),
                 "opt_q": self.opt_q.state_dict(), "sched_q": self.sched_q.state_dict(),
+                "sched_g": self.sched_g.state_dict(),
                 "history": self.history, "best": self.best, "rng": ckpt.rng_state(),
                 "skipped_steps": self.skipped_steps}
 
@@ -365,6 +394,7 @@ class Trainer:
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_q.load_state_dict(state["opt_q"])
         self.sched_q.load_state_dict(state["sched_q"])
+        self.sched_g.load_state_dict(state["sched_g"])
         self.epoch, self.iteration = state["epoch"], state["iteration"]
         self._iter_t.fill_(self.iteration)
         self._graph = None  # captured against the state before loading

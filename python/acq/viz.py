@@ -5,9 +5,9 @@ import copy
 
 import torch
 
-from . import ops
+from . import graph, ops
 from .losses import FeatureTap
-from .models import attention_layers
+from .quant import WEIGHT_TYPES
 
 
 @torch.no_grad()
@@ -26,11 +26,13 @@ def sample_grid(generator, teacher, path: str, num_classes: int, latent_dim: int
     # that G's running statistics stay as checkpointed.
     gen = copy.deepcopy(generator).train()
     x = gen(z.to(device), y.to(device), c.to(device) if generator.use_center else None)
-    tap = FeatureTap(attention_layers(teacher))
-    with tap.capture():
-        pred = teacher(x).argmax(1).cpu()
+    traced = graph.trace(teacher)  # shares the teacher's modules; the taps go on this copy only
+    graph.propagate_shapes(traced, (1, *x.shape[1:]), x.device)
+    tap = FeatureTap(graph.insert_taps(traced, graph.stage_outputs(traced, WEIGHT_TYPES)))
+    with tap.capture() as cap:
+        pred = traced(x).argmax(1).cpu()
     tap.remove()
-    feat = tap.feats[-2] if len(tap.feats) > 1 else tap.feats[-1]  # a mid-depth stage: finer map
+    feat = cap.feats[-2] if len(cap.feats) > 1 else cap.feats[-1]  # a mid-depth stage: finer map
     amap, _, center = ops.spatial_attention(feat, p=p)
     amap, center, x = amap.float().cpu(), center.float().cpu(), x.float().cpu()
 
