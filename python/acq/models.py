@@ -176,11 +176,15 @@ def load_teacher_weights(model: nn.Module, path: str, num_classes: int | None = 
     optional = ("num_batches_tracked",)  # older torchvision checkpoints lack the BN counters
     missing = [k for k in own if k not in sd and not k.endswith(optional)]
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {list(sd[k].shape)} (model {list(own[k].shape)})" for k in own
-              if k in sd and sd[k].shape != own[k].shape]
+    bad = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+    shapes = [f"{k} {list(sd[k].shape)} (model {list(own[k].shape)})" for k in bad]
     if missing or unexpected or shapes:
         parts = [f"{label} {_listing(keys)}" for label, keys in
                  (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if keys]
-        hint = f"; is --num-classes ({num_classes}) right?" if shapes and num_classes is not None else ""
-        raise AcqError(f"teacher weights {path} do not match {type(model).__name__}: " + "; ".join(parts) + hint)
+        head = ""
+        if bad and num_classes is not None and not (missing or unexpected) and all(
+                own[k].shape[0] == num_classes and sd[k].shape[1:] == own[k].shape[1:] for k in bad):
+            head = f"teacher {path} has {sd[bad[0]].shape[0]} classes but --num-classes is {num_classes} ("
+        raise AcqError((head or f"teacher weights {path} do not match {type(model).__name__}: ")
+                       + "; ".join(parts) + (")" if head else ""))
     model.load_state_dict(sd, strict=False)

@@ -5,6 +5,7 @@ import json
 import os
 import random
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -46,6 +47,9 @@ class Trainer:
         self.out_dir = out_dir
         seed_everything(cfg.seed)
         self.mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        if cfg.beta_bns > 0 and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in teacher.modules()):
+            raise AcqError(f"the teacher ({type(teacher).__name__}) has no BatchNorm layer for L_BNS; "
+                           "set beta_bns to 0")
         self.teacher = freeze_teacher(teacher).to(self.device, memory_format=self.mf)
         self.student = quantize_model(self.teacher, cfg.w_bits, cfg.a_bits, cfg.first_last_bits, cfg.ste,
                                       cfg.act_momentum, cfg.weight_range).to(self.device, memory_format=self.mf)
@@ -286,7 +290,9 @@ class Trainer:
                    "lr_g": self.opt_g.param_groups[0]["lr"], "lr_q": self.opt_q.param_groups[0]["lr"],
                    "skipped_steps": self.skipped_steps,
                    **{k: round(float(v) / cfg.iters_per_epoch, 5) for k, v in sums.items()}}
-        self.sched_q.step()
+        with warnings.catch_warnings():  # in warm-up Q has not stepped yet: its LR still follows the epochs
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.sched_q.step()
         self.sched_g.step()
         if self.eval_data is not None:
             set_observing(self.student, False)
