@@ -408,3 +408,19 @@ def test_torchvision_model_without_weights_never_downloads(tmp_path, capsys, mon
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
     assert main(["train", "--model", "resnet18", "--work-dir", str(tmp_path / "w")]) == 2
     assert "needs --teacher-weights" in capsys.readouterr().err
+
+
+PUBLISHED = ["cifar10_resnet20", "cifar100_resnet20", "imagenet_resnet18", "imagenet_resnet50", "imagenet_mobilenetv2"]
+
+
+@pytest.mark.parametrize("stem", PUBLISHED)
+def test_a_config_per_published_setting(stem):
+    pytest.importorskip("pytorchcv")
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    for bits in (4, 3):
+        cfg = make_config(os.path.join(root, f"{stem}_w{bits}a{bits}.toml"), device="cpu")
+        assert cfg.model.startswith("pytorchcv:") and (cfg.w_bits, cfg.a_bits) == (bits, bits)
+        assert cfg.weight_range == "raw" and cfg.q_milestones == [100, 200, 300] and cfg.epochs == 400
+        imagenet = stem.startswith("imagenet")
+        assert cfg.input_shape == (3, 224 if imagenet else 32)
+        assert (cfg.warmup_epochs, cfg.lr_q) == ((50, 1e-6) if imagenet else (4, 1e-4))

@@ -30,7 +30,7 @@ def _cfg(**kw):
     # L_PAIR pairs within a rank and L_CONS uses per-rank batch statistics: off here, so that the
     # 2-rank run is exactly one process on the concatenated batch (see distributed.py's doc).
     base = dict(model="digits_net", dataset="digits", batch_size=8, latent_dim=16, gen_width=16, warmup_epochs=0,
-                range_epochs=0, lambda_pair=0.0, lambda_cons=0.0, lambda_acm=1.0, beta_bns=1.0, lr_g=1e-3,
+                range_epochs=1, lambda_pair=0.0, lambda_cons=0.0, lambda_acm=1.0, beta_bns=1.0, lr_g=1e-3,
                 lr_q=1e-2, progress=False, backend="reference", seed=7, iters_per_epoch=STEPS, epochs=1)
     base.update(kw)
     return make_config(**base)
@@ -51,6 +51,7 @@ def _calibrate(trainer):
     c, size = INPUT_SHAPE["digits_net"]
     calibrate_on_noise(trainer.student, (c, size, size), batch_size=16,
                        generator=torch.Generator().manual_seed(5))
+    trainer.epoch = trainer.cfg.range_epochs  # main phase: the ranges stay frozen
 
 
 def _snapshot(trainer):

@@ -469,11 +469,12 @@ def test_cuda_graph_step_replays_the_eager_step():
     runs = []
     for graphs in (False, True):
         cfg = make_config(**demo_defaults(device="cuda", batch_size=32, progress=False, seed=2, cuda_graphs=graphs,
-                                          warmup_epochs=0, range_epochs=0, q_milestones=[1]))
+                                          warmup_epochs=0, range_epochs=1, q_milestones=[1]))
         teacher = digits_net()
         teacher.load_state_dict(state)
         with use("auto"):
             t = Trainer(cfg, teacher)
+            t.epoch = 1  # main phase, ranges frozen (as they start)
             before = [p.detach().clone() for p in t.student.parameters()]
             losses = [{k: v.detach().clone() for k, v in t.step().items()} for _ in range(GRAPH_WARMUP_STEPS + 3)]
             assert (t._graph is not None) == graphs
