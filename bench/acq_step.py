@@ -18,7 +18,8 @@ compiled       the baseline loop with its three models torch.compile'd (default 
                its hooks and optimizers stay eager, as a user would compile it)
 
 Each rung has its own trainer (memory format and gradient flags are per model), built from the
-same seed. Teachers have random weights: speed does not depend on them.
+same seed. Teachers have random weights: speed does not depend on them. Models: the embedded
+digits net, ResNet-20, torchvision's ResNet-18 and MobileNetV2 (32px on a CPU, 224px on a GPU).
 """
 from __future__ import annotations
 
@@ -103,12 +104,17 @@ class Trainers:
         return losses
 
 
-def _make(model: str, dataset: str, full_batch: int, quick_batch: int, demo: bool = False):
+def _make(model: str, dataset: str, full_batch: int, quick_batch: int, demo: bool = False,
+          image_size: int | None = None, cuda_only: bool = False):
     def make(cfg: Config) -> Workload:
         acq = _acq()
         if cfg.dtype != torch.float32:
             raise Unavailable("the step's dtypes are set by its loop (fp32 weights, bf16 autocast)")
+        if cuda_only and cfg.device.type != "cuda":
+            raise Unavailable(f"{model} at {image_size}px is a GPU case (its CPU case runs at 32px)")
         settings = acq.config.demo_defaults() if demo else dict(model=model, dataset=dataset)
+        if image_size is not None:
+            settings.update(image_size=image_size, in_channels=3)
         settings.update(batch_size=cfg.batch(full_batch, quick_batch), device=str(cfg.device), progress=False,
                         w_bits=4, a_bits=4, epochs=10**6)
         try:
@@ -116,7 +122,8 @@ def _make(model: str, dataset: str, full_batch: int, quick_batch: int, demo: boo
             acq.models.build_model(acfg.model, acfg.classes)
         except Exception as exc:  # e.g. torchvision missing for ResNet-18
             raise Unavailable(f"cannot build {model}: {exc}") from None
-        return Workload(dict(trainers=Trainers(settings)), [], [], f"{acfg.model} B={acfg.batch_size} W4A4 "
+        return Workload(dict(trainers=Trainers(settings)), [], [], f"{acfg.model} {acfg.input_shape[1]}px "
+                        f"B={acfg.batch_size} W4A4 "
                         f"({'ACQ' if acfg.acq_terms_on else 'GDFQ'} losses)")
     return make
 
@@ -140,15 +147,19 @@ def _rung(loop: Loop):
 
 
 CASES = [
-    Case("acq_step", f"{name}_b{b}", make=_make(model, dataset, b, qb, demo=(name == "embedded")),
+    Case("acq_step", f"{name}_b{b}", make=_make(model, dataset, b, qb, demo=(name == "embedded"), image_size=size,
+                                                cuda_only=(size or 0) >= 128),
          baseline=_step_baseline, acq=_rung(FAST_LOOP), modes=("step",), heavy=heavy, compiled=_step_compiled,
          # the compile pass starts with the quick_compile cases: the issue's step-vs-compile target first
          quick_compile=(name == "resnet18" and b == 32),
          ladder=tuple((rung, _rung(loop)) for rung, loop in LADDER))
-    for name, model, dataset, b, qb, heavy in [
-        ("embedded", "digits_net", "digits", 64, 64, False),
-        ("resnet20", "resnet20", "cifar10", 200, 50, True),
-        ("resnet18", "resnet18", "imagenet", 16, 2, True),
-        ("resnet18", "resnet18", "imagenet", 32, 2, True),
+    for name, model, dataset, b, qb, heavy, size in [
+        ("embedded", "digits_net", "digits", 64, 64, False, None),
+        ("resnet20", "resnet20", "cifar10", 200, 50, True, None),
+        ("resnet18", "resnet18", "imagenet", 16, 2, True, None),
+        ("resnet18", "resnet18", "imagenet", 32, 2, True, None),
+        # torchvision's MobileNetV2 (depthwise convs, 35 ReLU6 sites): 32px on a CPU, 224px on a GPU
+        ("mobilenet_v2_32px", "mobilenet_v2", "cifar10", 64, 8, True, 32),
+        ("mobilenet_v2_224px", "mobilenet_v2", "imagenet", 32, 2, True, 224),
     ]
 ]

@@ -424,3 +424,18 @@ def test_a_config_per_published_setting(stem):
         imagenet = stem.startswith("imagenet")
         assert cfg.input_shape == (3, 224 if imagenet else 32)
         assert (cfg.warmup_epochs, cfg.lr_q) == ((50, 1e-6) if imagenet else (4, 1e-4))
+
+
+def test_cli_trains_a_pytorchcv_teacher_from_its_file(tmp_path, capsys):
+    pytest.importorskip("pytorchcv")
+    torch.save({"state_dict": build_model("pytorchcv:resnet20_cifar10", 10).state_dict()}, tmp_path / "t.pth")
+    work = tmp_path / "run"
+    assert main(["train", "--model", "pytorchcv:resnet20_cifar10", "--teacher-weights", str(tmp_path / "t.pth"),
+                 "--image-size", "16", "--epochs", "1", "--iters", "1", "--batch-size", "2", "--warmup-epochs", "0",
+                 "--range-epochs", "1", "--weight-range", "raw", "--work-dir", str(work), "--no-progress",
+                 "--backend", "reference"]) == 0
+    assert "22 weight layers, 19 activation sites quantized" in capsys.readouterr().err
+    text = (work / "quantization.txt").read_text()
+    assert "(raw weight ranges)" in text and text.count(" after ") == 19
+    rec = [json.loads(line) for line in open(work / "metrics.jsonl")][-1]
+    assert rec["kind"] == "epoch" and rec["lr_g"] == 1e-3 and torch.isfinite(torch.tensor(rec["g_acm"]))

@@ -178,6 +178,13 @@ def _train(args, cfg, trainer_cls) -> int:
         os.makedirs(cfg.work_dir, exist_ok=True)
         with open(os.path.join(cfg.work_dir, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=1)
+        from .quant import summary
+        quantized = summary(trainer.student)
+        with open(os.path.join(cfg.work_dir, "quantization.txt"), "w") as f:
+            f.write(f"W{cfg.w_bits}A{cfg.a_bits} ({cfg.weight_range} weight ranges), attention layers: "
+                    f"{', '.join(trainer.attention_nodes) or 'none'}\n{quantized}\n")
+        print(f"acq: W{cfg.w_bits}A{cfg.a_bits}: {str(quantized).splitlines()[0]} quantized "
+              f"(list: {os.path.join(cfg.work_dir, 'quantization.txt')})", file=sys.stderr)
     result = trainer.fit()
     if not main:
         return 0

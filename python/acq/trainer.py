@@ -95,6 +95,7 @@ class Trainer:
         cfg = self.cfg
         traced = graph.trace(self.teacher)
         graph.propagate_shapes(traced, (1, channels, size, size), self.device)
+        self.attention_nodes: list[str] = []  # graph nodes of S (teacher and student graphs share names)
         if not cfg.needs_attention:
             return None, None
         names = (graph.named_outputs(traced, cfg.attention_layers) if cfg.attention_layers
