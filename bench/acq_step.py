@@ -87,7 +87,7 @@ class Trainers:
             tr.step()  # an observing step sets the activation ranges
             tr.epoch = max(cfg.warmup_epochs, cfg.range_epochs)  # main phase: G and Q train
             if compiled:
-                for m in (tr.teacher, tr.student, tr.generator):
+                for m in (tr.t_forward, tr.student, tr.generator):  # t_forward: the teacher the step calls
                     m.compile()
             # untimed main-phase steps: compile every variant (eval / batch-stat teacher, backward
             # graphs), or run the CUDA graph's eager warm-up and capture

@@ -282,7 +282,7 @@ def test_acq_loop_on_any_cnn_finite_and_resume_exact(make, size, tmp_path):
     for k in ("g_acm", "g_pair", "g_cons", "q_at", "q_kd", "g_bns"):
         assert k in last and torch.isfinite(torch.tensor(last[k])), k
     assert last["g_cons"] > 0 and last["q_at"] > 0
-    copy.deepcopy(a.teacher)  # the taps keep no activations after a capture
+    copy.deepcopy(a.t_forward)  # the taps keep no activations after a capture
     cont = [a.step()]
     b = Trainer(cfg, copy.deepcopy(teacher), out_dir=str(tmp_path / "b"))
     b.resume(str(tmp_path / "a" / "checkpoints"))
@@ -298,13 +298,14 @@ def test_no_tap_when_no_term_needs_maps_and_named_layers():
     teacher = digits_net().eval()
     cfg = make_config(**{**TINY, "lambda_at": 0.0, "lambda_acm": 0.0, "lambda_pair": 0.0, "lambda_cons": 0.0})
     tr = Trainer(cfg, teacher)
-    assert tr.tap_t is None and tr.tap_q is None and tr.teacher is teacher  # the user's module, no hooks
+    assert tr.tap_t is None and tr.tap_q is None and tr.t_forward is tr.teacher is teacher  # no hooks
     tr.step()
     assert all(not m._forward_hooks for m in teacher.modules())
     tr = Trainer(make_config(**{**TINY, "attention_layers": ["layer2", "layer3.0.conv2"]}), teacher)
     assert tr.attention_nodes == ["layer2_0_relu2", "layer3_0_conv2"]
+    assert tr.teacher is teacher and all(not m._forward_hooks for m in teacher.modules())
     with tr.tap_t.capture() as cap:
-        tr.teacher(torch.randn(2, 1, 16, 16))
+        tr.t_forward(torch.randn(2, 1, 16, 16))
     assert [f.shape[1:] for f in cap.feats] == [(32, 8, 8), (64, 4, 4)]
     assert tr.tap_t._current is None  # released when the capture ended
     with pytest.raises(AcqError, match="attention layer 'nope'"):

@@ -90,19 +90,21 @@ class Trainer:
     def _attention_taps(self, channels: int, size: int):
         """(teacher tap, student tap or None). The teacher is traced (sharing its modules) and run once
         on zeros to check the input geometry; the layers in S get tap points in the traced teacher
-        and, for attention transfer, after the matching quantizers in the student. No tap (and the
-        user's teacher untouched) when no loss term reads attention maps."""
+        (self.t_forward; self.teacher stays the user's module, no hook on it) and, for attention
+        transfer, after the matching quantizers in the student. No tap when no loss term reads
+        attention maps."""
         cfg = self.cfg
         traced = graph.trace(self.teacher)
         graph.propagate_shapes(traced, (1, channels, size, size), self.device)
         self.attention_nodes: list[str] = []  # graph nodes of S (teacher and student graphs share names)
+        self.t_forward = self.teacher     # what the step calls: the traced teacher with tap points, if any
         if not cfg.needs_attention:
             return None, None
         names = (graph.named_outputs(traced, cfg.attention_layers) if cfg.attention_layers
                  else graph.stage_outputs(traced, WEIGHT_TYPES))
         self.attention_nodes = names
         tap_t = FeatureTap(graph.insert_taps(traced, names))
-        self.teacher = traced
+        self.t_forward = traced
         tap_q = None
         if cfg.lambda_at > 0:
             tap_q = FeatureTap(graph.insert_taps(self.student, names,
@@ -141,7 +143,7 @@ class Trainer:
         x = self.g_forward(z, y, c).contiguous(memory_format=self.mf)
         zero = x.new_zeros((), dtype=torch.float32)  # losses are fp32 under autocast too
         with self._tapped(self.tap_t) as tap, ops.bn_stat_collector(self.teacher) as bns:
-            t_logits = self.teacher(x)
+            t_logits = self.t_forward(x)
         feats_eval = tap.feats
         losses = {"g_ce": F.cross_entropy(t_logits, y) if cfg.lambda_ce > 0 else zero,
                   "g_bns": self._bns_loss(bns) if cfg.beta_bns > 0 else zero,
@@ -152,7 +154,7 @@ class Trainer:
                 # Same batch with batch-statistics BN (running stats untouched); stack eval/train
                 # features so each layer's attention is one launch.
                 with batch_stat_bn(self.teacher), self.tap_t.capture() as tap2:
-                    self.teacher(x)
+                    self.t_forward(x)
                 att = attention_of([torch.cat([fe, ft]) for fe, ft in zip(feats_eval, tap2.feats)],
                                    cfg.attention_p)
                 losses["g_cons"] = stacked_sq_distance([a[1] for a in att])
