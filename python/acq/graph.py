@@ -108,8 +108,8 @@ def stage_outputs(gm: fx.GraphModule, weight_types) -> list[str]:
 
 def _module_paths(node: fx.Node) -> set:
     paths = {node.target} if node.op == "call_module" else set()
-    for v in (node.meta.get("nn_module_stack") or {}).values():
-        paths.add(v[0] if isinstance(v, tuple) else v)
+    for k, v in (node.meta.get("nn_module_stack") or {}).items():
+        paths.add(v[0] if isinstance(v, tuple) else k)  # torch < 2.1: {path: type}
     return paths
 
 
