@@ -294,7 +294,7 @@ def test_acq_loop_on_any_cnn_finite_and_resume_exact(make, size, tmp_path):
     b.close()
 
 
-def test_no_tap_when_no_term_needs_maps_and_named_layers():
+def test_no_tap_when_no_term_needs_maps_and_named_layers(capsys):
     teacher = digits_net().eval()
     cfg = make_config(**{**TINY, "lambda_at": 0.0, "lambda_acm": 0.0, "lambda_pair": 0.0, "lambda_cons": 0.0})
     tr = Trainer(cfg, teacher)
@@ -316,6 +316,7 @@ def test_no_tap_when_no_term_needs_maps_and_named_layers():
                 tv)
     with pytest.raises(AcqError, match="does not run on an input of shape"):
         Trainer(make_config(**{**TINY, "image_size": 32, "in_channels": 1}), tv)
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_lr_milestones_are_absolute_for_both_optimizers(tmp_path):
@@ -431,11 +432,16 @@ def test_cli_trains_a_pytorchcv_teacher_from_its_file(tmp_path, capsys):
     pytest.importorskip("pytorchcv")
     torch.save({"state_dict": build_model("pytorchcv:resnet20_cifar10", 10).state_dict()}, tmp_path / "t.pth")
     work = tmp_path / "run"
+    args = ["train", "--model", "pytorchcv:resnet20_cifar10", "--teacher-weights", str(tmp_path / "t.pth")]
+    assert main(args + ["--work-dir", str(work)]) == 2  # evaluated on the default digits: 1x16 images
+    assert "does not fit the model's input 3x32x32" in capsys.readouterr().err and not work.exists()
     assert main(["train", "--model", "pytorchcv:resnet20_cifar10", "--teacher-weights", str(tmp_path / "t.pth"),
-                 "--image-size", "16", "--epochs", "1", "--iters", "1", "--batch-size", "2", "--warmup-epochs", "0",
+                 "--dataset", "cifar10",
+                 "--image-size", "32", "--epochs", "1", "--iters", "1", "--batch-size", "2", "--warmup-epochs", "0",
                  "--range-epochs", "1", "--weight-range", "raw", "--work-dir", str(work), "--no-progress",
                  "--backend", "reference"]) == 0
-    assert "22 weight layers, 19 activation sites quantized" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "22 weight layers, 19 activation sites quantized" in err and "Traceback" not in err
     text = (work / "quantization.txt").read_text()
     assert "(raw weight ranges)" in text and text.count(" after ") == 19
     rec = [json.loads(line) for line in open(work / "metrics.jsonl")][-1]

@@ -134,9 +134,17 @@ def _teacher_for(cfg, progress=True):
                    "train one with `acq teacher`)")
 
 
+DATASET_SHAPE = {"digits": (1, 16), "cifar10": (3, 32), "cifar100": (3, 32), "imagenet": (3, 224)}
+
+
 def _eval_data(cfg):
     from .data import load_dataset
     if cfg.dataset == "digits" or cfg.data_dir:
+        if DATASET_SHAPE.get(cfg.dataset, cfg.input_shape) != cfg.input_shape:
+            c, s = DATASET_SHAPE[cfg.dataset]
+            raise AcqError(f"the evaluation data ({cfg.dataset}: {c}x{s}x{s} images) does not fit the model's "
+                           f"input {cfg.input_shape[0]}x{cfg.input_shape[1]}x{cfg.input_shape[1]}; pass the "
+                           "teacher's --dataset (or matching --image-size / --in-channels)")
         return load_dataset(cfg.dataset, cfg.data_dir, train=False, seed=cfg.seed)
     return None
 

@@ -6,6 +6,9 @@ objects (no copies), so a traced teacher shares its parameters with the user's m
 """
 from __future__ import annotations
 
+import contextlib
+import io
+
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
@@ -65,7 +68,8 @@ def propagate_shapes(gm: fx.GraphModule, input_shape, device=None) -> None:
     modes = [(m, m.training) for m in gm.modules()]
     gm.eval()
     try:
-        ShapeProp(gm).propagate(x)
+        with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints the traceback it re-raises
+            ShapeProp(gm).propagate(x)
     except Exception as exc:
         raise AcqError(f"the model does not run on an input of shape {list(input_shape)} "
                        f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
