@@ -141,15 +141,21 @@ def test_histogram_observer_runs_torch_observer_then_our_kernel():
 
 
 def test_fused_path_is_taken_only_where_it_reproduces_the_observer():
-    fused = {name: _pair(name)[0]._fused_moving_average_ok() for name in CONFIGS}
-    assert fused["fused_act"] and fused["default_weight_fake_quant"]
-    assert fused["act_symmetric_qint8"] and fused["act_affine_qint8_4bit"]
-    assert not fused["default_fake_quant"]  # reduce_range
-    assert not fused["default_per_channel_weight_fake_quant"]
-    assert not fused["minmax_observer"]
-    assert fused["act_symmetric_quint8"] and not fused["act_symmetric_quint8_default_range"]
-    dyn = FakeQuant(observer=_MA, quant_min=0, quant_max=255, is_dynamic=True, averaging_constant=1)
-    assert not dyn._fused_moving_average_ok()
+    fused = {name: _pair(name)[0]._plan.observe_fused for name in CONFIGS}
+    # torch.ao's four min/max observers, per tensor and per channel, affine and symmetric, any
+    # range (customised or not) and reduce_range
+    for name in ("default_fake_quant", "fused_act", "default_weight_fake_quant",
+                 "default_per_channel_weight_fake_quant", "fused_pc_wt_neg127",
+                 "act_symmetric_quint8", "act_symmetric_qint8", "act_affine_qint8_4bit",
+                 "act_default_range", "act_symmetric_quint8_default_range", "pc_affine_axis1",
+                 "minmax_observer", "per_channel_minmax"):
+        assert fused[name], name
+    assert not fused["dynamic"] and not fused["embedding_float_qparams"]
+    assert not FakeQuant(observer=HistogramObserver)._plan.observe_fused
+
+    class MyObserver(_MA):  # a subclass may change forward: torch's code path
+        pass
+    assert not FakeQuant(observer=MyObserver)._plan.observe_fused
 
 
 def _count_calls(monkeypatch, name):
@@ -164,22 +170,35 @@ def _count_calls(monkeypatch, name):
     return calls
 
 
-def test_fused_path_updates_observer_and_qparams_in_place(monkeypatch):
-    fused = _count_calls(monkeypatch, "fake_quantize_moving_average")
-    plain = _count_calls(monkeypatch, "fake_quantize")
-    ours, ref = _pair("fused_act")
-    min_val, scale = ours.activation_post_process.min_val, ours.scale
-    x = torch.randn(4, 8) * 3
+def _count_ops(monkeypatch):
+    from acq_kernels.fake_quant import ops
+    calls = []
+    for name in ("fake_quant_observe", "fake_quant"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _n=name, **k: (calls.append(_n),
+                                                                             _real(*a, **k))[1])
+    return calls
+
+
+@pytest.mark.parametrize("name", ["fused_act", "default_per_channel_weight_fake_quant"])
+def test_fused_path_updates_observer_and_qparams_in_place(monkeypatch, name):
+    calls = _count_ops(monkeypatch)
+    ours, ref = _pair(name)
+    x = torch.randn(4, 8, 3) * 3
     ours(x)
     ref(x)
-    assert ours.activation_post_process.min_val is min_val and ours.scale is scale
-    assert torch.equal(min_val, x.min()) and scale.item() != 1.0
-    assert ours.calculate_qparams()[0].item() == scale.item()
+    obs = ours.activation_post_process
+    min_val, scale = obs.min_val, ours.scale
     _assert_same_buffers(ours, ref)
-    assert fused == ["fake_quantize_moving_average"] and plain == []  # one op per step
+    assert calls == ["fake_quant_observe"]  # one op per step
+    ours(x * 2)
+    ref(x * 2)
+    assert obs.min_val is min_val and ours.scale is scale  # updated in place
+    _assert_same_buffers(ours, ref)
+    assert ours.calculate_qparams()[0].tolist() == scale.tolist()
     ours.disable_observer()
     ours(x)
-    assert len(fused) == 1 and len(plain) == 1  # frozen range: plain fake quant
+    assert calls == ["fake_quant_observe"] * 2 + ["fake_quant"]  # frozen range: plain fake quant
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -305,11 +324,10 @@ def test_toggles_and_mirrors():
     torch.ao.quantization.disable_observer(ours)
     torch.ao.quantization.disable_fake_quant(ours)
     assert ours.observer_enabled.item() == 0 and ours.fake_quant_enabled.item() == 0
-    assert not ours._observer_on and not ours._fake_quant_on
+    assert not ours.observer_on and not ours.fake_quant_on
     x = torch.randn(20)
     assert ours(x) is x and ours.activation_post_process.min_val.isinf()
-    # direct buffer writes are honoured on CPU
-    ours.observer_enabled[0] = 1
+    ours.enable_observer()
     ours(x)
     assert torch.equal(ours.activation_post_process.min_val, x.min())
     # fake quant off, observer on: statistics still move, as in torch
@@ -324,7 +342,7 @@ def test_toggles_and_mirrors():
     # load_state_dict refreshes the mirrors
     ref.disable_observer()
     ours.load_state_dict(ref.state_dict())
-    assert not ours._observer_on and not ours._fake_quant_on
+    assert not ours.observer_on and not ours.fake_quant_on
 
 
 @pytest.mark.parametrize("name", ["fused_act", "default_per_channel_weight_fake_quant"])
@@ -471,7 +489,7 @@ def test_learnable_state_dict_and_repr():
     ref.enable_param_learning()
     ours.load_state_dict(ref.state_dict())
     assert ours.state_dict().keys() == ref.state_dict().keys()
-    assert torch.equal(ours.scale, ref.scale) and not ours._static_on
+    assert torch.equal(ours.scale, ref.scale) and not ours.static_on
     assert "use_grad_scaling=False" in repr(ours) and "backend=" in repr(ours)
     x = torch.randn(3, 5, 4, 7)
     assert torch.equal(ours(x), ref(x))
@@ -489,7 +507,7 @@ def test_cuda_parity_and_no_host_sync_on_fused_path(name):
     for i in range(5):
         _step(ours, ref, _inputs(i, shape, "contiguous").cuda())
     _step(ours, ref, _inputs(5, shape, "channels_last").cuda())
-    if ours._fused_moving_average_ok():
+    if ours._plan.observe_fused:
         x = _inputs(6, shape, "contiguous").cuda().requires_grad_()
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")  # any host sync in forward/backward raises

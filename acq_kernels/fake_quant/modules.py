@@ -8,15 +8,49 @@ torch's modules.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+# The base classes and observers (one place, so that an alternative source can be swapped in).
 from torch.ao.quantization.fake_quantize import FakeQuantize
 from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
-from torch.ao.quantization.observer import MovingAverageMinMaxObserver
+from torch.ao.quantization.observer import (MinMaxObserver, MovingAverageMinMaxObserver,
+                                            MovingAveragePerChannelMinMaxObserver,
+                                            PerChannelMinMaxObserver)
 
 import acq_kernels as _ak  # partially initialised at import time; ops are looked up per call
 from .. import _validation as V
+from . import ops as _ops
+from .functional import _dense
 
 __all__ = ["FakeQuant", "LearnableFakeQuant"]
+
+
+def _register_traceable_observer_hooks() -> None:
+    """torch.ao's eager prepare/prepare_qat call the fake-quant module from forward hooks
+    defined in torch.ao.quantization.quantize, a file dynamo skips (one graph break per
+    hook). Registering these identical bodies as their in-graph substitutes lets
+    torch.compile / torch._dynamo trace such a model whole; eager behaviour is unchanged."""
+    import importlib
+
+    quantize = importlib.import_module("torch.ao.quantization.quantize")
+    substitute = getattr(getattr(torch, "compiler", None), "substitute_in_graph", None)
+    pairs = (("_observer_forward_hook", lambda self, input, output:
+              self.activation_post_process(output)),
+             ("_observer_forward_pre_hook", lambda self, input:
+              self.activation_post_process(input[0])))
+    for name, body in pairs:
+        original = getattr(quantize, name, None)
+        if substitute is None or original is None:
+            continue
+        try:
+            substitute(original)(body)
+        except (TypeError, ValueError, RuntimeError):  # already registered, or an older torch
+            pass
+
+
+_register_traceable_observer_hooks()
 
 STE_MODES = ("clipped", "pure")
 RANGE_MODES = ("observer", "minmax")
@@ -33,12 +67,82 @@ def _check_choice(name: str, value, choices: tuple) -> str:
     return value
 
 
-def _flag(buf: torch.Tensor, mirror: bool) -> bool:
-    """An enabled flag: the buffer itself on CPU (a cheap read that also sees direct writes),
-    the Python mirror elsewhere (reading a CUDA buffer would sync the host every forward)."""
-    if buf.device.type == "cpu":
-        return bool(buf[0])
-    return mirror
+# Observers whose forward the fused op reproduces exactly -> whether it is a moving average.
+# Exact types only: a subclass may change forward.
+_FUSABLE_OBSERVERS = {
+    MovingAverageMinMaxObserver: True,
+    MovingAveragePerChannelMinMaxObserver: True,
+    MinMaxObserver: False,
+    PerChannelMinMaxObserver: False,
+}
+_FUSABLE_QSCHEMES = (torch.per_tensor_affine, torch.per_tensor_symmetric,
+                     torch.per_channel_affine, torch.per_channel_symmetric)
+
+
+def _fusable_observer(obs, qscheme, ch_axis):
+    """(fusable, moving_average): whether fake_quant_observe reproduces obs's forward."""
+    moving = _FUSABLE_OBSERVERS.get(type(obs))
+    fusable = (moving is not None and not obs.is_dynamic and obs.min_val.dtype == torch.float32
+               and qscheme in _FUSABLE_QSCHEMES
+               and getattr(obs, "ch_axis", ch_axis) == ch_axis)
+    return fusable, bool(moving)
+
+
+def _observer_eps(obs) -> float:
+    # The fused op takes eps as a number; the observer keeps it as a (CPU at build) buffer.
+    eps = getattr(obs, "eps", None)
+    return float(eps) if eps is not None else torch.finfo(torch.float32).eps
+
+
+def _observe_args(obs, channels: int, scale, zero_point, p) -> tuple:
+    """fake_quant_observe's state and constant arguments; per-channel state takes the channel
+    count on the first call, per-tensor (0-d) state is passed as [1] views."""
+    if p.axis >= 0:
+        if obs.min_val.numel() != channels or obs.max_val.numel() != channels:
+            _set_buffer(obs, "min_val", (channels,), float("inf"))
+            _set_buffer(obs, "max_val", (channels,), float("-inf"))
+    return (obs.min_val.view(channels), obs.max_val.view(channels), scale, zero_point, p.axis,
+            p.averaging_constant, p.moving_average, p.quant_min, p.quant_max, p.symmetric,
+            p.symmetric_zero_point, p.eps)
+
+
+class _Plan(NamedTuple):
+    """What FakeQuant.forward does, resolved once per configuration (not per call)."""
+    observe_fused: bool        # observer step + qparams + fake quant in fake_quant_observe
+    minmax_fused: bool         # range_mode "minmax" in one fake_quant_minmax call
+    moving_average: bool
+    averaging_constant: float
+    axis: int                  # channel axis, -1 per-tensor
+    quant_min: int
+    quant_max: int
+    symmetric: bool
+    symmetric_zero_point: int  # the observer's zero point for a symmetric scheme
+    eps: float
+    clipped: bool              # ste == "clipped"
+
+
+def _make_plan(obs, qscheme, ch_axis: int, per_channel: bool, minmax_fused: bool,
+               clipped: bool) -> "_Plan":
+    fusable, moving = _fusable_observer(obs, qscheme, ch_axis)
+    return _Plan(observe_fused=fusable, minmax_fused=minmax_fused, moving_average=moving,
+                 averaging_constant=float(getattr(obs, "averaging_constant", 1.0)),
+                 axis=ch_axis if per_channel else -1, quant_min=obs.quant_min,
+                 quant_max=obs.quant_max, symmetric=qscheme in _SYMMETRIC,
+                 symmetric_zero_point=_symmetric_zero_point(obs), eps=_observer_eps(obs),
+                 clipped=clipped)
+
+
+def _set_buffer(owner: torch.nn.Module, name: str, shape, fill) -> None:
+    """Resize buffer `name` of `owner` to `shape` filled with `fill` (per-channel state starts
+    with one or no element and takes the channel count on the first call). In place in eager
+    mode (as torch's observers, keeping aliases valid); a new tensor under torch.compile, which
+    traces a buffer assignment but not resize_."""
+    buf = getattr(owner, name)
+    if torch.compiler.is_compiling():
+        setattr(owner, name, torch.full(shape, fill, dtype=buf.dtype, device=buf.device))
+    else:
+        with torch.no_grad():
+            buf.resize_(shape).fill_(fill)
 
 
 def _symmetric_zero_point(obs) -> int:
@@ -71,19 +175,24 @@ class FakeQuant(FakeQuantize):
       scale/zero_point buffers hold the last step's qparams and calculate_qparams returns them,
       so convert() uses the range training ended with; disabling the observer freezes them.
 
-    With the observer enabled and a per-tensor MovingAverageMinMaxObserver (affine or
-    symmetric, no reduce_range, static) the observer update, qparams and fake quant are one
-    fused op that updates the observer's min_val/max_val and the scale/zero_point buffers in
-    place without a host sync. Any other observer runs exactly as in FakeQuantize.forward,
-    followed by acq_kernels.fake_quantize. "minmax" mode is one fused fake_quantize_minmax call,
-    except where the fused zero-point rule is not the observer's (symmetric quint8 without a
-    customised range: torch picks 128), where the observer's own formula is applied to the
-    batch range. per_channel_affine_float_qparams (float zero points, embeddings) quantizes
-    with torch's op, since the kernels take integer zero points.
+    With the observer enabled and one of torch.ao's MinMaxObserver,
+    MovingAverageMinMaxObserver, PerChannelMinMaxObserver or
+    MovingAveragePerChannelMinMaxObserver (affine or symmetric, any range and reduce_range,
+    static), the observer update, qparams and fake quant are one op (acq_kernels::
+    fake_quant_observe) that updates the observer's min_val/max_val and the scale/zero_point
+    buffers in place with no host read. Other observers (subclasses, HistogramObserver,
+    float64 state, dynamic) run exactly as in FakeQuantize.forward, followed by the fake-quant
+    op. "minmax" mode is one fused fake_quantize_minmax call where its zero-point rule is the
+    observer's (else the observer's formula is applied to the batch range).
+    per_channel_affine_float_qparams (float zero points, embeddings) quantizes with torch's op.
 
-    Enabled flags: use enable_*/disable_* (or torch.ao.quantization.enable_observer etc.) or
-    load_state_dict. On CUDA the forward reads Python mirrors of the flags kept in step by
-    those, so writing the buffers directly is only seen on CPU.
+    Enabled flags are Python state (``observer_on`` / ``fake_quant_on``, set by
+    enable_*/disable_*, torch.ao.quantization.enable_observer etc. and load_state_dict) and
+    mirrored into torch.ao's buffers for state dicts; writing the buffers directly is not seen
+    by forward. Under torch.compile a flag change recompiles. The plan of the forward (which
+    fused op, its constants) is resolved when the module is built, a flag changes, a state
+    dict is loaded or ``ste`` / ``range_mode`` are set; call ``refresh()`` after changing the
+    observer's attributes (averaging_constant, eps, quant range) by hand.
     """
 
     def __init__(self, observer=MovingAverageMinMaxObserver, quant_min=None, quant_max=None,
@@ -96,33 +205,52 @@ class FakeQuant(FakeQuantize):
         if self.qscheme == torch.per_channel_affine_float_qparams and ste != "clipped":
             raise ValueError("ste must be 'clipped' for qscheme per_channel_affine_float_qparams "
                              f"(float zero points run on torch's op), got {ste!r}")
-        self.ste = ste
-        self.range_mode = range_mode
-        self._fake_quant_on = bool(self.fake_quant_enabled[0])
-        self._observer_on = bool(self.observer_enabled[0])
-        self._refresh_eps()
+        self._ste = ste
+        self._range_mode = range_mode
+        self.observer_on = bool(self.observer_enabled[0])
+        self.fake_quant_on = bool(self.fake_quant_enabled[0])
+        self.refresh()
         self.register_load_state_dict_post_hook(FakeQuant._after_load)
 
-    # ----------------------------------------------------------------- flags and state
+    # ----------------------------------------------------------------- options and flags
+    @property
+    def ste(self) -> str:
+        return self._ste
+
+    @ste.setter
+    def ste(self, value: str) -> None:
+        self._ste = _check_choice("ste", value, STE_MODES)
+        self.refresh()
+
+    @property
+    def range_mode(self) -> str:
+        return self._range_mode
+
+    @range_mode.setter
+    def range_mode(self, value: str) -> None:
+        self._range_mode = _check_choice("range_mode", value, RANGE_MODES)
+        self.refresh()
+
     def enable_fake_quant(self, enabled: bool = True) -> None:
         super().enable_fake_quant(enabled)
-        self._fake_quant_on = bool(enabled)
+        self.fake_quant_on = bool(enabled)
 
     def enable_observer(self, enabled: bool = True) -> None:
         super().enable_observer(enabled)
-        self._observer_on = bool(enabled)
-
-    def _refresh_eps(self) -> None:
-        # The fused op takes eps as a number; the observer keeps it as a (CPU at build) buffer.
-        eps = getattr(self.activation_post_process, "eps", None)
-        self._eps = float(eps) if eps is not None else torch.finfo(torch.float32).eps
+        self.observer_on = bool(enabled)
 
     @staticmethod
     def _after_load(module: "FakeQuant", incompatible_keys) -> None:
         # Runs after the children (the observer's eps) are loaded too; one-off host reads.
-        module._fake_quant_on = bool(module.fake_quant_enabled[0])
-        module._observer_on = bool(module.observer_enabled[0])
-        module._refresh_eps()
+        module.fake_quant_on = bool(module.fake_quant_enabled[0])
+        module.observer_on = bool(module.observer_enabled[0])
+        module.refresh()
+
+    def refresh(self) -> None:
+        """Re-resolve the forward's plan from the observer's current configuration."""
+        self._plan = _make_plan(self.activation_post_process, self.qscheme, self.ch_axis,
+                                self.is_per_channel, self._fused_qparams_ok(),
+                                self._ste == "clipped")
 
     # ----------------------------------------------------------------- qparams
     @property
@@ -130,22 +258,12 @@ class FakeQuant(FakeQuantize):
         return self.ch_axis if self.is_per_channel else None
 
     def _fused_qparams_ok(self) -> bool:
-        """Whether the fused ops' qparams formula is the observer's for this scheme."""
+        """Whether fake_quantize_minmax's qparams formula is the observer's for this scheme."""
         obs = self.activation_post_process
         if self.qscheme in _SYMMETRIC:
             return _symmetric_zero_point(obs) == _fused_symmetric_zero_point(
                 obs.quant_min, obs.quant_max)
         return self.qscheme in (torch.per_tensor_affine, torch.per_channel_affine)
-
-    def _fused_moving_average_ok(self) -> bool:
-        """Whether the fused op reproduces the observer exactly for this configuration."""
-        obs = self.activation_post_process
-        if type(obs) is not MovingAverageMinMaxObserver:  # subclasses may change forward
-            return False
-        if obs.reduce_range or obs.is_dynamic or obs.min_val.dtype != torch.float32:
-            return False
-        return self.qscheme in (torch.per_tensor_affine, torch.per_tensor_symmetric) \
-            and self._fused_qparams_ok()
 
     def _batch_qparams(self, x: torch.Tensor):
         """qparams of x's own min/max by the observer's formula (its state is not touched)."""
@@ -163,7 +281,7 @@ class FakeQuant(FakeQuantize):
         return obs._calculate_qparams(mn, mx)
 
     def calculate_qparams(self):
-        if self.range_mode == "minmax":
+        if self._range_mode == "minmax":
             # The per-step range lives in the buffers; the observer never sees it.
             return self.scale.detach().clone(), self.zero_point.detach().clone()
         return self.activation_post_process.calculate_qparams()
@@ -173,27 +291,57 @@ class FakeQuant(FakeQuantize):
         scale = scale.to(self.scale.device)
         zero_point = zero_point.to(self.zero_point.device)
         if self.scale.shape != scale.shape:
-            self.scale.resize_(scale.shape)
-            self.zero_point.resize_(zero_point.shape)
-        self.scale.copy_(scale)
-        self.zero_point.copy_(zero_point)
+            _set_buffer(self, "scale", scale.shape, 1.0)
+            _set_buffer(self, "zero_point", zero_point.shape, 0)
+        with torch.no_grad():
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zero_point)
 
     # ----------------------------------------------------------------- forward
+    def _observe_fused(self, X: torch.Tensor, quantize: bool) -> torch.Tensor:
+        p = self._plan
+        channels = 1 if p.axis < 0 else X.size(p.axis)
+        if self.scale.numel() != channels:  # per-channel qparams grow on the first call
+            _set_buffer(self, "scale", (channels,), 1.0)
+            _set_buffer(self, "zero_point", (channels,), 0)
+        args = _observe_args(self.activation_post_process, channels, self.scale,
+                             self.zero_point, p)
+        x = _dense(X)
+        if not quantize:
+            _ops.fake_quant_observe(x.detach(), *args, False, False)
+            return X
+        save_mask = p.clipped and x.requires_grad and torch.is_grad_enabled()
+        return _ops.ObserveFakeQuant.apply(x, *args, save_mask)[0]
+
+    def _quantize(self, X: torch.Tensor) -> torch.Tensor:
+        p = self._plan
+        if self.qscheme == torch.per_channel_affine_float_qparams:
+            # Float zero points (embeddings) add before rounding; our kernels take integer
+            # zero points, so this scheme stays on torch's op (clipped STE only).
+            return torch.fake_quantize_per_channel_affine(X, self.scale, self.zero_point,
+                                                          self.ch_axis, p.quant_min,
+                                                          p.quant_max)
+        channels = 1 if p.axis < 0 else X.size(p.axis)
+        if self.scale.numel() != channels or self.zero_point.numel() != channels:
+            raise ValueError(f"FakeQuant: scale/zero_point hold {self.scale.numel()} values but "
+                             f"x has {channels} channels along ch_axis {p.axis}: enable the "
+                             "observer for a step or load a state dict first")
+        x = _dense(X)
+        save_mask = p.clipped and x.requires_grad and torch.is_grad_enabled()
+        return _ops.fake_quant(x, self.scale, self.zero_point, p.quant_min, p.quant_max,
+                               p.axis, save_mask)[0]
+
     def forward(self, X):
         # Checked first: torch's observers would update their state before our op rejects X.
         V.check_float_tensor("FakeQuant", "x", X)
-        observe = _flag(self.observer_enabled, self._observer_on)
-        quantize = _flag(self.fake_quant_enabled, self._fake_quant_on)
-        obs = self.activation_post_process
-        qmin, qmax = obs.quant_min, obs.quant_max
-
-        if observe and self.range_mode == "minmax":
-            if quantize and self._fused_qparams_ok():
+        p = self._plan
+        observe, quantize = self.observer_on, self.fake_quant_on
+        if observe and self._range_mode == "minmax":
+            if quantize and p.minmax_fused:
                 out, scale, zero_point = _ak.fake_quantize_minmax(
-                    X, qmin, qmax, axis=self._axis, symmetric=self.qscheme in _SYMMETRIC,
-                    eps=self._eps, ste=self.ste)
-                with torch.no_grad():
-                    self._store_qparams(scale, zero_point)
+                    X, p.quant_min, p.quant_max, axis=self._axis, symmetric=p.symmetric,
+                    eps=p.eps, ste=self._ste)
+                self._store_qparams(scale, zero_point)
                 return out
             # Only the range is needed, or the fused op's qparams rule is not the observer's:
             # this batch's range through the observer's own formula (same values where both apply).
@@ -202,31 +350,19 @@ class FakeQuant(FakeQuantize):
             observe = False  # the buffers now hold this step's qparams
 
         # numel() == 0 goes through the observer, which leaves its range untouched.
-        if observe and X.numel() > 0 and self._fused_moving_average_ok():
-            src = X if quantize else X.detach()
-            out = _ak.fake_quantize_moving_average(
-                src, obs.min_val, obs.max_val, self.scale, self.zero_point, qmin, qmax,
-                averaging_constant=obs.averaging_constant,
-                symmetric=self.qscheme == torch.per_tensor_symmetric,
-                eps=self._eps, observe=True, ste=self.ste)
-            return out if quantize else X
-
+        if observe and p.observe_fused and X.numel() > 0:
+            return self._observe_fused(X, quantize)
         if observe:
+            obs = self.activation_post_process
             obs(X.detach())
             with torch.no_grad():
                 self._store_qparams(*obs.calculate_qparams())
         if quantize:
-            if self.qscheme == torch.per_channel_affine_float_qparams:
-                # Float zero points (embeddings) add before rounding; our kernels take integer
-                # zero points, so this scheme stays on torch's op (clipped STE only).
-                return torch.fake_quantize_per_channel_affine(X, self.scale, self.zero_point,
-                                                              self.ch_axis, qmin, qmax)
-            X = _ak.fake_quantize(X, self.scale, self.zero_point, qmin, qmax,
-                                  axis=self._axis, ste=self.ste)
+            X = self._quantize(X)
         return X
 
     def extra_repr(self):
-        return (f"{super().extra_repr()}, ste={self.ste!r}, range_mode={self.range_mode!r}, "
+        return (f"{super().extra_repr()}, ste={self._ste!r}, range_mode={self._range_mode!r}, "
                 f"backend={_ak.get_backend()!r}")
 
 
@@ -241,8 +377,12 @@ class LearnableFakeQuant(_LearnableFakeQuantize):
     use_grad_scaling the scale/zero-point gradients are multiplied by
     1/sqrt(numel * quant_max) (LSQ's g). Forward runs acq_kernels.fake_quantize_learnable.
 
-    As FakeQuant, the forward reads CPU flag buffers directly and Python mirrors on CUDA
-    (kept in step by the toggle_* methods and load_state_dict).
+    As FakeQuant, the enabled flags are Python state (``fake_quant_on``, ``static_on``, set by
+    the toggle_*/enable_* methods and load_state_dict) mirrored into torch's buffers, so the
+    forward reads no tensor: torch.compile traces it without graph breaks (a flag change
+    recompiles). With static estimation on, torch.ao's min/max observers (as listed for
+    FakeQuant) run as the fused observer op (the same state and qparams); others run as in
+    torch.
     """
 
     def __init__(self, observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
@@ -263,17 +403,38 @@ class LearnableFakeQuant(_LearnableFakeQuantize):
 
     @staticmethod
     def _after_load(module: "LearnableFakeQuant", incompatible_keys) -> None:
-        module._fake_quant_on = bool(module.fake_quant_enabled[0])
-        module._static_on = bool(module.static_enabled[0])
+        module.fake_quant_on = bool(module.fake_quant_enabled[0])
+        module.static_on = bool(module.static_enabled[0])
+        module._axis = module.ch_axis if module.qscheme in _PER_CHANNEL else -1
+        module._symmetric = module.qscheme in _SYMMETRIC
+        module._plan = _make_plan(module.activation_post_process, module.qscheme,
+                                  module.ch_axis, module._axis >= 0, False, True)
+
+    def _static_estimate(self, X: torch.Tensor) -> None:
+        """The observer step and its qparams copied into the scale/zero_point parameters."""
+        p = self._plan
+        if p.observe_fused and X.numel() > 0:
+            # the fused observer op (no fake quant), as torch's observer + calculate_qparams
+            channels = 1 if p.axis < 0 else X.size(p.axis)
+            scale = X.new_empty(channels, dtype=torch.float32)
+            zero_point = X.new_empty(channels, dtype=torch.int32)
+            args = _observe_args(self.activation_post_process, channels, scale, zero_point, p)
+            _ops.fake_quant_observe(_dense(X.detach()), *args, False, False)
+        else:
+            self.activation_post_process(X.detach())
+            scale, zero_point = self.activation_post_process.calculate_qparams()
+        with torch.no_grad():
+            self.scale.copy_(scale.to(self.scale.device))
+            self.zero_point.copy_(zero_point.to(self.zero_point.device))
 
     def toggle_observer_update(self, enabled=True):
         super().toggle_observer_update(enabled)
-        self._static_on = bool(enabled)
+        self.static_on = bool(enabled)
         return self
 
     def toggle_fake_quant(self, enabled=True):
         super().toggle_fake_quant(enabled)
-        self._fake_quant_on = bool(enabled)
+        self.fake_quant_on = bool(enabled)
         return self
 
     def enable_fake_quant(self, enabled: bool = True) -> None:
@@ -281,23 +442,22 @@ class LearnableFakeQuant(_LearnableFakeQuantize):
 
     def forward(self, X):
         V.check_float_tensor("LearnableFakeQuant", "x", X)  # before the observer sees X
-        if _flag(self.static_enabled, self._static_on):
-            self.activation_post_process(X.detach())
-            scale, zero_point = self.activation_post_process.calculate_qparams()
-            self.scale.data.copy_(scale.to(self.scale.device))
-            self.zero_point.data.copy_(zero_point.to(self.zero_point.device))
+        if self.static_on:
+            self._static_estimate(X)
         else:
-            # A tensor bound: same values as torch's clamp_(min=eps.item()), no host sync.
-            torch.clamp_min_(self.scale.data, self.eps)
+            # A tensor bound: same values as torch's clamp_(min=eps.item()), no host read.
+            with torch.no_grad():
+                self.scale.clamp_min_(self.eps)
 
-        if _flag(self.fake_quant_enabled, self._fake_quant_on):
-            if self.qscheme in _SYMMETRIC:
-                self.zero_point.data.zero_()
+        if self.fake_quant_on:
+            if self._symmetric:
+                with torch.no_grad():
+                    self.zero_point.zero_()
             grad_factor = (1.0 / (X.numel() * self.quant_max) ** 0.5
                            if self.use_grad_scaling else 1.0)
-            axis = self.ch_axis if self.qscheme in _PER_CHANNEL else None
-            X = _ak.fake_quantize_learnable(X, self.scale, self.zero_point, self.quant_min,
-                                            self.quant_max, axis=axis, grad_factor=grad_factor)
+            X = _ops.fake_quant_learnable(_dense(X), self.scale, self.zero_point,
+                                          self.quant_min, self.quant_max, self._axis,
+                                          float(grad_factor))
         return X
 
     def extra_repr(self):

@@ -249,3 +249,65 @@ class MovingAverageFakeQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_mask):
         return (_mask_grad(ctx, grad_out),) + (None,) * 11
+
+
+# --- any min/max observer (per-tensor or per-channel) + qparams + fake quant ----------------
+
+def _observe_impl(x: Tensor):
+    """fq_observe_forward for x's device. The extension implements it on CPU only; on CUDA the
+    Triton backend runs the reference observer step (device-side torch ops, no host read) and
+    then its fq_forward kernel."""
+    names = ["reference", "triton"]
+    if x.device.type == "cpu" and _ext_has("fq_observe_forward"):
+        names.append("cpu")
+    backend = _backend.select(x.device, supported=tuple(names), op="fake_quant.fq_observe_forward")
+    if backend == "cpu":
+        return _extension.ops().fq_observe_forward
+    if backend == "triton":
+        from . import triton_launch
+        return functools.partial(reference.fq_observe_forward,
+                                 fq_forward_impl=triton_launch.fq_forward)
+    return reference.fq_observe_forward
+
+
+@torch.library.custom_op("acq_kernels::fake_quant_observe",
+                         mutates_args=("min_val", "max_val", "scale", "zero_point"))
+def fake_quant_observe(x: Tensor, min_val: Tensor, max_val: Tensor, scale: Tensor,
+                       zero_point: Tensor, axis: int, averaging_constant: float,
+                       moving_average: bool, quant_min: int, quant_max: int, symmetric: bool,
+                       symmetric_zero_point: int, eps: float, quantize: bool,
+                       save_mask: bool) -> tuple[Tensor, Tensor]:
+    """(out, mask); the observer state and qparams are updated in place (see
+    reference.fq_observe_forward). out and mask are empty when not quantize."""
+    return _observe_impl(x)(x, min_val, max_val, scale, zero_point, axis, averaging_constant,
+                            moving_average, quant_min, quant_max, symmetric,
+                            symmetric_zero_point, eps, quantize, save_mask)
+
+
+@fake_quant_observe.register_fake
+def _(x, min_val, max_val, scale, zero_point, axis, averaging_constant, moving_average,
+      quant_min, quant_max, symmetric, symmetric_zero_point, eps, quantize, save_mask):
+    if not quantize:
+        return x.new_empty(0), x.new_empty(0, dtype=torch.uint8)
+    return torch.empty_like(x), x.new_empty(_mask_numel(x.numel(), save_mask), dtype=torch.uint8)
+
+
+class ObserveFakeQuant(torch.autograd.Function):
+    """Autograd of fake_quant_observe (mutating ops take no torch.library autograd formula):
+    the clipped STE's mask, or identity. Called only with quantize=True."""
+
+    @staticmethod
+    def forward(ctx, x, min_val, max_val, scale, zero_point, axis, averaging_constant,
+                moving_average, quant_min, quant_max, symmetric, symmetric_zero_point, eps,
+                save_mask):
+        out, mask = fake_quant_observe(x, min_val, max_val, scale, zero_point, axis,
+                                       averaging_constant, moving_average, quant_min,
+                                       quant_max, symmetric, symmetric_zero_point, eps, True,
+                                       save_mask)
+        _mask_setup(ctx, out, mask, save_mask)
+        ctx.mark_non_differentiable(mask)
+        return out, mask
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_mask):
+        return (_mask_grad(ctx, grad_out),) + (None,) * 13

@@ -154,11 +154,11 @@ def fq_learnable_backward(grad, x, scale, zero_point, quant_min: int, quant_max:
 
 
 def calculate_qparams(min_val, max_val, quant_min: int, quant_max: int, symmetric: bool,
-                      eps: float):
+                      eps: float, symmetric_zero_point: int | None = None):
     """torch.ao UniformQuantizationObserverBase._calculate_qparams (reduce_range=False, the range
     given explicitly): float32 scale and int32 zero point of min_val's shape. For a symmetric
-    scheme the zero point is 0 on a signed range and the down-rounded midpoint on an unsigned one
-    (torch's rule for a customized range)."""
+    scheme the zero point is `symmetric_zero_point` when given, else 0 on a signed range and the
+    down-rounded midpoint on an unsigned one (torch's rule for a customized range)."""
     f32 = torch.float32
     min_val = min_val.to(f32)
     max_val = max_val.to(f32)
@@ -168,7 +168,9 @@ def calculate_qparams(min_val, max_val, quant_min: int, quant_max: int, symmetri
     if symmetric:
         max_pos = torch.maximum(-min_neg, max_pos)
         scale = torch.maximum(max_pos / (float(quant_max - quant_min) / 2), eps_t)
-        zp_val = (quant_min + quant_max) // 2 if quant_min >= 0 else 0
+        zp_val = symmetric_zero_point
+        if zp_val is None:
+            zp_val = (quant_min + quant_max) // 2 if quant_min >= 0 else 0
         zero_point = torch.full_like(min_val, zp_val, dtype=torch.int32)
     else:
         scale = torch.maximum((max_pos - min_neg) / float(quant_max - quant_min), eps_t)
@@ -215,3 +217,49 @@ def fq_moving_average_forward(x, min_val, max_val, scale, zero_point, averaging_
         zero_point.copy_(z.reshape(zero_point.shape))
     return fq_forward(x, scale.reshape(1), zero_point.reshape(1), quant_min, quant_max, -1,
                       save_mask)
+
+
+def observe(x, min_val, max_val, axis: int, averaging_constant: float, moving_average: bool):
+    """One step of torch.ao's min/max observers on min_val/max_val ([1] or [C] float32), in
+    place. moving_average: MovingAverage(PerChannel)MinMaxObserver (a channel at +inf/-inf has
+    seen nothing yet and takes the batch range), else (PerChannel)MinMaxObserver (running min
+    and max). x must not be empty."""
+    cur_min, cur_max = _minmax_along(x, axis)
+    cur_min, cur_max = cur_min.reshape(-1), cur_max.reshape(-1)
+    if moving_average:
+        first = (min_val == float("inf")) & (max_val == float("-inf"))
+        c = torch.tensor(averaging_constant, dtype=torch.float32, device=x.device)
+        new_min = torch.where(first, cur_min, min_val + c * (cur_min - min_val))
+        new_max = torch.where(first, cur_max, max_val + c * (cur_max - max_val))
+    else:
+        new_min = torch.min(cur_min, min_val)
+        new_max = torch.max(cur_max, max_val)
+    min_val.copy_(new_min)
+    max_val.copy_(new_max)
+
+
+def fq_observe_forward(x, min_val, max_val, scale, zero_point, axis: int,
+                       averaging_constant: float, moving_average: bool, quant_min: int,
+                       quant_max: int, symmetric: bool, symmetric_zero_point: int, eps: float,
+                       quantize: bool, save_mask: bool, fq_forward_impl=None):
+    """Observer step + qparams + fake quant (the module's forward with its observer enabled).
+
+    min_val/max_val/scale (float32) and zero_point (int32) are [1] (axis -1) or [x.size(axis)]
+    and are updated in place; per-tensor qparams of a range that saw nothing (+inf/-inf) are
+    torch's 1.0 / 0. Returns (out, mask); when not quantize, out and mask are empty (only the
+    state is updated). An empty x leaves the state untouched. fq_forward_impl: the backend's
+    fq_forward (default: this module's)."""
+    if x.numel() > 0:
+        observe(x, min_val, max_val, axis, averaging_constant, moving_average)
+        s, z = calculate_qparams(min_val, max_val, quant_min, quant_max, symmetric, eps,
+                                 symmetric_zero_point)
+        if axis < 0:
+            seen = ~((min_val == float("inf")) & (max_val == float("-inf")))
+            s = torch.where(seen, s, torch.ones_like(s))
+            z = torch.where(seen, z, torch.zeros_like(z))
+        scale.copy_(s)
+        zero_point.copy_(z)
+    if not quantize:
+        return x.new_empty(0), x.new_empty(0, dtype=torch.uint8)
+    return (fq_forward_impl or fq_forward)(x, scale, zero_point, quant_min, quant_max, axis,
+                                           save_mask)

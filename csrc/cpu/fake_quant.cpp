@@ -382,6 +382,39 @@ void minmax(const T* x, int64_t n, int64_t inner, int64_t channels, float* min_o
 
 void calculate_qparams(float min_val, float max_val, int64_t quant_min, int64_t quant_max,
                        bool symmetric, float eps, float* scale, int32_t* zero_point) {
+  calculate_qparams(min_val, max_val, quant_min, quant_max, symmetric,
+                    quant_min < 0 ? 0 : (quant_min + quant_max) / 2, eps, scale, zero_point);
+}
+
+void observe_update(const float* cur_min, const float* cur_max, float* min_val, float* max_val,
+                    int64_t channels, float averaging_constant, bool moving_average) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const float c = averaging_constant;
+  for (int64_t i = 0; i < channels; ++i) {
+    const float bmin = cur_min[i], bmax = cur_max[i];
+    if (moving_average) {
+      if (min_val[i] == kInf && max_val[i] == -kInf) {  // nothing seen yet: the batch range
+        min_val[i] = bmin;
+        max_val[i] = bmax;
+      } else {
+        // min_val + c * (batch_min - min_val), each step rounded to fp32 like torch's tensor
+        // ops (fp-contract=off: no fused multiply-add)
+        min_val[i] = min_val[i] + c * (bmin - min_val[i]);
+        max_val[i] = max_val[i] + c * (bmax - max_val[i]);
+      }
+    } else {  // torch.min / torch.max: NaN propagates
+      const float m0 = min_val[i], m1 = max_val[i];
+      min_val[i] = (std::isnan(bmin) || std::isnan(m0)) ? std::numeric_limits<float>::quiet_NaN()
+                                                        : std::min(bmin, m0);
+      max_val[i] = (std::isnan(bmax) || std::isnan(m1)) ? std::numeric_limits<float>::quiet_NaN()
+                                                        : std::max(bmax, m1);
+    }
+  }
+}
+
+void calculate_qparams(float min_val, float max_val, int64_t quant_min, int64_t quant_max,
+                       bool symmetric, int64_t symmetric_zero_point, float eps, float* scale,
+                       int32_t* zero_point) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   if (min_val == kInf && max_val == -kInf) {  // nothing observed (check_min_max_valid)
     *scale = 1.0f;
@@ -398,7 +431,7 @@ void calculate_qparams(float min_val, float max_val, int64_t quant_min, int64_t 
     max_pos = (neg > max_pos || std::isnan(neg)) ? neg : max_pos;
     s = max_pos / static_cast<float>(static_cast<double>(quant_max - quant_min) / 2);
     s = (s < eps && !std::isnan(s)) ? eps : s;
-    zp = quant_min < 0 ? 0 : (quant_min + quant_max) / 2;
+    zp = symmetric_zero_point;
   } else {
     s = (max_pos - min_neg) / static_cast<float>(quant_max - quant_min);
     s = (s < eps && !std::isnan(s)) ? eps : s;

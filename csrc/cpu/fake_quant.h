@@ -52,5 +52,16 @@ void minmax(const T* x, int64_t n, int64_t inner, int64_t channels, float* min_o
 // Symmetric zero point: 0 for signed ranges (quant_min < 0), else (quant_min + quant_max) / 2.
 void calculate_qparams(float min_val, float max_val, int64_t quant_min, int64_t quant_max,
                        bool symmetric, float eps, float* scale, int32_t* zero_point);
+// The same with the symmetric scheme's zero point given (torch.ao picks 128 for quint8 without a
+// customised range, 2^15 for uint16).
+void calculate_qparams(float min_val, float max_val, int64_t quant_min, int64_t quant_max,
+                       bool symmetric, int64_t symmetric_zero_point, float eps, float* scale,
+                       int32_t* zero_point);
+
+// One observer step per channel, in place: moving average (MovingAverage[PerChannel]MinMax-
+// Observer; a channel at +inf/-inf takes the batch range) or running min/max
+// ([PerChannel]MinMaxObserver).
+void observe_update(const float* cur_min, const float* cur_max, float* min_val, float* max_val,
+                    int64_t channels, float averaging_constant, bool moving_average);
 
 }  // namespace acq::cpu

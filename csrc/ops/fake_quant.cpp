@@ -325,6 +325,51 @@ std::tuple<Tensor, Tensor> fq_moving_average_forward_cpu(
   return {out, mask};
 }
 
+void check_state_buffer(const Tensor& x, const Tensor& t, const char* name, at::ScalarType st,
+                        int64_t expected) {
+  check_param(x, t, name, expected);
+  TORCH_CHECK(t.scalar_type() == st, name, " must be ", st, ", got ", t.scalar_type());
+}
+
+// Any min/max observer step (per tensor or per channel) + qparams + fake quant; state in place.
+std::tuple<Tensor, Tensor> fq_observe_forward_cpu(
+    const Tensor& x, Tensor& min_val, Tensor& max_val, Tensor& scale, Tensor& zero_point,
+    int64_t axis, double averaging_constant, bool moving_average, int64_t quant_min,
+    int64_t quant_max, bool symmetric, int64_t symmetric_zero_point, double eps, bool quantize,
+    bool save_mask) {
+  check_observer(x, quant_min, quant_max, eps);
+  check_axis(x, axis);
+  const int64_t C = axis < 0 ? 1 : x.size(axis);
+  check_state_buffer(x, min_val, "min_val", at::kFloat, C);
+  check_state_buffer(x, max_val, "max_val", at::kFloat, C);
+  check_state_buffer(x, scale, "scale", at::kFloat, C);
+  check_state_buffer(x, zero_point, "zero_point", at::kInt, C);
+  Tensor out = quantize ? at::empty_like(x) : at::empty({0}, x.options());
+  Tensor mask = new_mask(x, quantize && save_mask);
+  if (x.numel() == 0) return {out, mask};  // nothing to observe or quantize
+  const Layout lay = channel_layout(x, axis);
+  std::vector<float> mn(C), mx(C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fq_observe", [&] {
+    acq::cpu::minmax<scalar_t>(x.const_data_ptr<scalar_t>(), x.numel(), lay.inner, lay.channels,
+                               mn.data(), mx.data());
+  });
+  float* pmin = min_val.mutable_data_ptr<float>();
+  float* pmax = max_val.mutable_data_ptr<float>();
+  acq::cpu::observe_update(mn.data(), mx.data(), pmin, pmax, C,
+                           static_cast<float>(averaging_constant), moving_average);
+  float* s = scale.mutable_data_ptr<float>();
+  int32_t* z = zero_point.mutable_data_ptr<int32_t>();
+  for (int64_t c = 0; c < C; ++c) {
+    acq::cpu::calculate_qparams(pmin[c], pmax[c], quant_min, quant_max, symmetric,
+                                symmetric_zero_point, static_cast<float>(eps), s + c, z + c);
+  }
+  if (quantize) {
+    const HostParams h = host_params(scale, zero_point, lay, quant_min, quant_max, axis >= 0);
+    run_fq_cpu(x, out, mask, h.p);
+  }
+  return {out, mask};
+}
+
 // --------------------------------------------------------------------------------------- CUDA
 #if ACQ_WITH_CUDA
 
@@ -482,6 +527,11 @@ TORCH_LIBRARY_FRAGMENT(acq_kernels_C, m) {
         "Tensor(c!) scale, Tensor(d!) zero_point, float averaging_constant, int quant_min, "
         "int quant_max, bool symmetric, float eps, bool observe, bool save_mask) "
         "-> (Tensor out, Tensor mask)");
+  // CPU only; on CUDA the Python dispatch composes the Triton backend's kernels instead.
+  m.def("fq_observe_forward(Tensor x, Tensor(a!) min_val, Tensor(b!) max_val, Tensor(c!) scale, "
+        "Tensor(d!) zero_point, int axis, float averaging_constant, bool moving_average, "
+        "int quant_min, int quant_max, bool symmetric, int symmetric_zero_point, float eps, "
+        "bool quantize, bool save_mask) -> (Tensor out, Tensor mask)");
 }
 
 TORCH_LIBRARY_IMPL(acq_kernels_C, CPU, m) {
@@ -490,6 +540,7 @@ TORCH_LIBRARY_IMPL(acq_kernels_C, CPU, m) {
   m.impl("fq_learnable_backward", &fq_learnable_backward_cpu);
   m.impl("fq_minmax_forward", &fq_minmax_forward_cpu);
   m.impl("fq_moving_average_forward", &fq_moving_average_forward_cpu);
+  m.impl("fq_observe_forward", &fq_observe_forward_cpu);
 }
 
 #if ACQ_WITH_CUDA
