@@ -107,6 +107,40 @@ def fq_mask_backward(grad, mask):
     return out
 
 
+def lsq_uses_fma(device: torch.device) -> bool:
+    """Whether torch's LSQ backward kernels for `device` round zp + x * inv and
+    (xc - zp) * scale - x once (fused multiply-adds). CPU: torch builds its kernels with FP
+    contraction, which gives FMAs in the AVX2/AVX512 builds and none in the default one
+    (torch.backends.cpu.get_cpu_capability() says which runs); CUDA: nvcc contracts by default
+    (not verified on a GPU here)."""
+    if torch.device(device).type != "cpu":
+        return True
+    import platform
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True  # aarch64 and others: FMA in the base ISA, contracted by default
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def fma(a: torch.Tensor, b: torch.Tensor, c) -> torch.Tensor:
+    """a * b + c rounded once (an IEEE fused multiply-add) for float32 tensors; float64 a, b, c
+    use the plain expression (their exact FMA needs more than double precision; the all-double
+    path is for gradcheck only). The float32 product is exact in float64; the sum is formed in
+    float64 with round-to-odd (its error term recovered by TwoSum), which makes the final
+    rounding to float32 correct."""
+    if a.dtype == torch.float64:
+        return a * b + c
+    p = a.double() * b.double()
+    cd = c.double() if isinstance(c, torch.Tensor) else torch.tensor(float(c), dtype=torch.float64,
+                                                                      device=a.device)
+    s = p + cd
+    bv = s - p
+    err = (p - (s - bv)) + (cd - bv)
+    even = (s.view(torch.int64) & 1) == 0
+    toward = torch.where(err > 0, torch.full_like(s, float("inf")), torch.full_like(s, float("-inf")))
+    s = torch.where((err != 0) & even & torch.isfinite(s), torch.nextafter(s, toward), s)
+    return s.to(torch.float32)
+
+
 def fq_learnable_backward(grad, x, scale, zero_point, quant_min: int, quant_max: int, axis: int,
                           grad_factor: float):
     """Backward of torch._fake_quantize_learnable_per_{tensor,channel}_affine, mirroring torch's
@@ -128,7 +162,8 @@ def fq_learnable_backward(grad, x, scale, zero_point, quant_min: int, quant_max:
     # Both of torch's backward kernels add the zero point BEFORE rounding, q = rne(zp + x * inv)
     # (its forwards add it after), so at exact ties with an odd zero point the x-gradient mask
     # is not the forward's in-range mask.
-    q = torch.round(zp + xs * inv)
+    use_fma = lsq_uses_fma(x.device)
+    q = torch.round(fma(xs, inv, zp) if use_fma else zp + xs * inv)
     # clipped means strictly outside the range
     in_range = (q >= quant_min) & (q <= quant_max)
     qc = torch.clamp(q, quant_min, quant_max)
@@ -137,8 +172,8 @@ def fq_learnable_backward(grad, x, scale, zero_point, quant_min: int, quant_max:
     dx = torch.empty_like(grad)
     dx.copy_(g * in_range)
     zero_point = zero_point.to(f32)
-    xfq = (qc - zp) * s
-    ds_in = g * (xfq - xs) * inv * gf
+    err = fma(qc - zp, s, -xs) if use_fma else (qc - zp) * s - xs  # xfq - x
+    ds_in = g * err * inv * gf
     ds_lo = (g * (quant_min - zp)) * gf
     ds_hi = (g * (quant_max - zp)) * gf
     dscale_el = torch.where(lo, ds_lo, torch.where(hi, ds_hi, ds_in))

@@ -180,11 +180,16 @@ inline A lane_sum(const A* __restrict a, int64_t len) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-// len <= kBlock (runs never cross a block).
-template <typename T>
+// len <= kBlock (runs never cross a block). Fma: torch's CPU kernels are compiled with FP
+// contraction on AVX2/AVX512, so zp + x * inv and (xc - zp) * scale - x are fused multiply-adds
+// there (one rounding); std::fma reproduces them (this file is fp-contract=off otherwise).
+// ds_el/dz_el non-null: the per-element gradients are written there (the caller reduces them
+// as torch does); else they are summed into *sum_ds / *sum_dz.
+template <typename T, bool Fma>
 ACQ_HOT void lsq_run(const T* __restrict grad, const T* __restrict x, T* __restrict dx,
                      int64_t len, acc_t<T> sc, acc_t<T> inv, acc_t<T> zp, acc_t<T> qmin,
-                     acc_t<T> qmax, acc_t<T> gf, acc_t<T>* sum_ds, acc_t<T>* sum_dz) {
+                     acc_t<T> qmax, acc_t<T> gf, acc_t<T>* sum_ds, acc_t<T>* sum_dz,
+                     T* __restrict ds_el, T* __restrict dz_el) {
   using A = acc_t<T>;
   alignas(64) A ds[kBlock];
   alignas(64) A dz[kBlock];
@@ -194,17 +199,24 @@ ACQ_HOT void lsq_run(const T* __restrict grad, const T* __restrict x, T* __restr
   for (int64_t i = 0; i < len; ++i) {
     const A g = static_cast<A>(grad[i]);
     const A xi = static_cast<A>(x[i]);
-    const A xq = rne(zp + xi * inv);
+    const A xq = Fma ? rne(std::fma(xi, inv, zp)) : rne(zp + xi * inv);
     const bool lo = xq < qmin;
     const bool hi = xq > qmax;
     dx[i] = static_cast<T>(g * static_cast<A>((xq >= qmin) & (xq <= qmax)));
     const A xc = lo ? qmin : (hi ? qmax : xq);
-    const A xfq = (xc - zp) * sc;
-    const A ds_in = ((g * (xfq - xi)) * inv) * gf;
+    const A err = Fma ? std::fma(xc - zp, sc, -xi) : (xc - zp) * sc - xi;
+    const A ds_in = ((g * err) * inv) * gf;
     const A ds_out = (g * (lo ? dsmall : dbig)) * gf;
     const A dz_out = ((-g) * sc) * gf;
     ds[i] = (lo | hi) ? ds_out : ds_in;
     dz[i] = (lo | hi) ? dz_out : A(0);
+  }
+  if (ds_el != nullptr) {
+    for (int64_t i = 0; i < len; ++i) {
+      ds_el[i] = static_cast<T>(ds[i]);
+      dz_el[i] = static_cast<T>(dz[i]);
+    }
+    return;
   }
   *sum_ds += lane_sum(ds, len);
   *sum_dz += lane_sum(dz, len);
@@ -304,7 +316,7 @@ void fq_mask_backward(const T* grad, const uint8_t* mask, T* out, int64_t n) {
 
 template <typename T>
 void fq_learnable_backward(const T* grad, const T* x, T* dx, float* dscale, float* dzero_point,
-                           int64_t n, const FqParams& p, float grad_factor) {
+                           int64_t n, const FqParams& p, float grad_factor, bool fma) {
   using A = acc_t<T>;
   const int64_t C = p.channels;
   const int64_t chunk = reduction_chunk(n, C);
@@ -323,10 +335,11 @@ void fq_learnable_backward(const T* grad, const T* x, T* dx, float* dscale, floa
         for_each_run(b0, std::min(b0 + kBlock, end), p.inner, C,
                      [&](int64_t o, int64_t len, int64_t c) {
                        A s_ds = 0, s_dz = 0;
-                       lsq_run<T>(grad + o, x + o, dx + o, len, static_cast<A>(p.scale[c]),
-                                  static_cast<A>(p.inv_scale[c]),
-                                  static_cast<A>(p.zero_point[c]), qmin, qmax,
-                                  static_cast<A>(grad_factor), &s_ds, &s_dz);
+                       auto run = fma ? lsq_run<T, true> : lsq_run<T, false>;
+                       run(grad + o, x + o, dx + o, len, static_cast<A>(p.scale[c]),
+                           static_cast<A>(p.inv_scale[c]), static_cast<A>(p.zero_point[c]),
+                           qmin, qmax, static_cast<A>(grad_factor), &s_ds, &s_dz, nullptr,
+                           nullptr);
                        ds[c] += s_ds;
                        dz[c] += s_dz;
                      });
@@ -342,6 +355,27 @@ void fq_learnable_backward(const T* grad, const T* x, T* dx, float* dscale, floa
     dscale[c] = static_cast<float>(s_ds);
     dzero_point[c] = static_cast<float>(s_dz);
   }
+}
+
+template <typename T>
+void fq_learnable_backward_elementwise(const T* grad, const T* x, T* dx, T* ds_el, T* dz_el,
+                                       int64_t n, const FqParams& p, float grad_factor,
+                                       bool fma) {
+  using A = acc_t<T>;
+  const A qmin = static_cast<A>(p.quant_min);
+  const A qmax = static_cast<A>(p.quant_max);
+  at::parallel_for(0, num_chunks(n), 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t b0 = cb * kChunk; b0 < std::min(n, ce * kChunk); b0 += kBlock) {
+      for_each_run(b0, std::min(b0 + kBlock, n), p.inner, p.channels,
+                   [&](int64_t o, int64_t len, int64_t c) {
+                     auto run = fma ? lsq_run<T, true> : lsq_run<T, false>;
+                     run(grad + o, x + o, dx + o, len, static_cast<A>(p.scale[c]),
+                         static_cast<A>(p.inv_scale[c]), static_cast<A>(p.zero_point[c]), qmin,
+                         qmax, static_cast<A>(grad_factor), nullptr, nullptr, ds_el + o,
+                         dz_el + o);
+                   });
+    }
+  });
 }
 
 template <typename T>
@@ -454,11 +488,17 @@ void calculate_qparams(float min_val, float max_val, int64_t quant_min, int64_t 
   template void fq_forward<T>(const T*, T*, uint8_t*, int64_t, const FqParams&);             \
   template void fq_mask_backward<T>(const T*, const uint8_t*, T*, int64_t);                  \
   template void fq_learnable_backward<T>(const T*, const T*, T*, float*, float*, int64_t,    \
-                                         const FqParams&, float);                            \
+                                         const FqParams&, float, bool);                      \
   template void minmax<T>(const T*, int64_t, int64_t, int64_t, float*, float*);
 
 ACQ_INSTANTIATE(float)
 ACQ_INSTANTIATE(double)
+template void fq_learnable_backward_elementwise<float>(const float*, const float*, float*, float*,
+                                                       float*, int64_t, const FqParams&, float,
+                                                       bool);
+template void fq_learnable_backward_elementwise<double>(const double*, const double*, double*,
+                                                        double*, double*, int64_t,
+                                                        const FqParams&, float, bool);
 ACQ_INSTANTIATE(c10::Half)
 ACQ_INSTANTIATE(c10::BFloat16)
 #undef ACQ_INSTANTIATE

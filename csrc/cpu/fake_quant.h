@@ -38,9 +38,17 @@ void fq_mask_backward(const T* grad, const uint8_t* mask, T* out, int64_t n);
 // Backward of torch's learnable (LSQ) fake quant. zero_point holds the zero point already
 // rounded/clamped the way torch's backward does it; the sums are per channel, fp32 results
 // (accumulated per block in fp32, blocks combined in fp64 in a fixed order: deterministic).
+// fma: evaluate zp + x * inv and (xc - zp) * scale - x as fused multiply-adds, as torch's
+// kernels compiled for AVX2/AVX512 do.
 template <typename T>
 void fq_learnable_backward(const T* grad, const T* x, T* dx, float* dscale, float* dzero_point,
-                           int64_t n, const FqParams& p, float grad_factor);
+                           int64_t n, const FqParams& p, float grad_factor, bool fma);
+
+// The same with the per-element scale / zero-point gradients written out (x's dtype, memory
+// order) instead of summed, so that the caller reduces them exactly as torch does.
+template <typename T>
+void fq_learnable_backward_elementwise(const T* grad, const T* x, T* dx, T* ds_el, T* dz_el,
+                                       int64_t n, const FqParams& p, float grad_factor, bool fma);
 
 // Per-channel min and max of x (NaN propagates like torch.aminmax). Channels with no
 // elements get +inf / -inf.

@@ -4,6 +4,7 @@
 // outputs made with empty_like(x) share the numbering and masks are bit-packed in that order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/DispatchStub.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -211,6 +212,19 @@ Tensor check_learnable(const Tensor& grad, const Tensor& x, const Tensor& scale,
   return at::empty_like(x).copy_(grad);
 }
 
+// Whether torch's CPU LSQ backward kernels, as dispatched here, use fused multiply-adds: they
+// are compiled with FP contraction, which emits FMAs for the AVX2/AVX512 builds on x86 (the
+// default build targets no FMA). Elsewhere the compilers' default contraction is assumed
+// (aarch64 has FMA in its base ISA; not verified).
+bool torch_lsq_uses_fma() {
+#if defined(__x86_64__) || defined(_M_X64)
+  const auto cap = at::native::get_cpu_capability();
+  return cap == at::native::CPUCapability::AVX2 || cap == at::native::CPUCapability::AVX512;
+#else
+  return true;
+#endif
+}
+
 std::tuple<Tensor, Tensor, Tensor> fq_learnable_backward_cpu(
     const Tensor& grad_in, const Tensor& x, const Tensor& scale, const Tensor& zero_point,
     int64_t quant_min, int64_t quant_max, int64_t axis, double grad_factor) {
@@ -229,11 +243,34 @@ std::tuple<Tensor, Tensor, Tensor> fq_learnable_backward_cpu(
     h.zp[c] = axis < 0 ? std::trunc(std::min(std::max(z[c] + 0.5f, lo), hi))
                        : std::min(std::max(std::nearbyint(z[c]), lo), hi);
   }
+  const bool fma = torch_lsq_uses_fma();
+  if (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) {
+    // torch's dtypes: per-element gradients reduced by the same sum torch's backward calls
+    // (so dscale/dzero_point are bitwise torch's, not just close)
+    Tensor ds_el = at::empty_like(x);
+    Tensor dz_el = at::empty_like(x);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fq_learnable_backward", [&] {
+      acq::cpu::fq_learnable_backward_elementwise<scalar_t>(
+          grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+          dx.mutable_data_ptr<scalar_t>(), ds_el.mutable_data_ptr<scalar_t>(),
+          dz_el.mutable_data_ptr<scalar_t>(), x.numel(), h.p, static_cast<float>(grad_factor),
+          fma);
+    });
+    std::vector<int64_t> dims;
+    for (int64_t d = 0; d < x.dim(); ++d) {
+      if (d != axis) dims.push_back(d);
+    }
+    Tensor ds = axis < 0 ? ds_el.sum() : (dims.empty() ? ds_el : ds_el.sum(dims));
+    Tensor dz = axis < 0 ? dz_el.sum() : (dims.empty() ? dz_el : dz_el.sum(dims));
+    dscale.copy_(ds.reshape(scale.sizes()));
+    dzp.copy_(dz.reshape(zero_point.sizes()));
+    return {dx, dscale, dzp};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fq_learnable_backward", [&] {
     acq::cpu::fq_learnable_backward<scalar_t>(
         grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
         dx.mutable_data_ptr<scalar_t>(), dscale.mutable_data_ptr<float>(),
-        dzp.mutable_data_ptr<float>(), x.numel(), h.p, static_cast<float>(grad_factor));
+        dzp.mutable_data_ptr<float>(), x.numel(), h.p, static_cast<float>(grad_factor), fma);
   });
   return {dx, dscale, dzp};
 }
