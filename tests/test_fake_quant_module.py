@@ -533,3 +533,20 @@ def test_cuda_learnable_matches_torch():
     ref.enable_param_learning()
     for i in range(3):
         _learnable_step(ours, ref, _inputs(1 + i, shape, "contiguous").cuda(), learn=True)
+
+
+def test_new_paths_reject_bad_input_naming_the_argument():
+    fq = FakeQuant(**CONFIGS["default_per_channel_weight_fake_quant"])
+    with pytest.raises(ValueError, match="ch_axis=0"):
+        fq(torch.tensor(1.0))  # a 0-d x has no channel axis
+    with pytest.raises(TypeError, match="x must have a floating dtype"):
+        fq(torch.ones(3, 2, dtype=torch.int32))
+    assert fq.activation_post_process.min_val.numel() == 0  # nothing observed
+    with pytest.raises(ValueError, match="ste must be one of"):
+        fq.ste = "straight"
+    with pytest.raises(TypeError, match="range_mode must be a str"):
+        fq.range_mode = 1
+    assert fq.ste == "clipped" and fq._plan.clipped
+    fq.disable_observer()
+    with pytest.raises(ValueError, match="scale/zero_point hold 1 values but x has 4 channels"):
+        fq(torch.randn(4, 3))

@@ -335,6 +335,9 @@ class FakeQuant(FakeQuantize):
         # Checked first: torch's observers would update their state before our op rejects X.
         V.check_float_tensor("FakeQuant", "x", X)
         p = self._plan
+        if p.axis >= X.dim():
+            raise ValueError(f"FakeQuant: x must have a dimension ch_axis={p.axis} for its "
+                             f"per-channel scheme, got shape {tuple(X.shape)}")
         observe, quantize = self.observer_on, self.fake_quant_on
         if observe and self._range_mode == "minmax":
             if quantize and p.minmax_fused:
