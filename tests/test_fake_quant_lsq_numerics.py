@@ -110,7 +110,9 @@ def test_near_ties_tell_one_rounding_from_two():
 
 def test_learnable_module_bitwise_with_torch_on_this_cpu():
     from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
-    kw = dict(quant_min=0, quant_max=15, scale=0.0137, zero_point=3.0, use_grad_scaling=True)
+    from torch.ao.quantization.observer import MovingAverageMinMaxObserver
+    kw = dict(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=15, scale=0.0137,
+              zero_point=3.0, use_grad_scaling=True)
     ours, ref = LearnableFakeQuant(**kw), _LearnableFakeQuantize(**kw)
     for m in (ours, ref):
         m.enable_param_learning()

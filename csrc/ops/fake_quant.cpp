@@ -4,7 +4,7 @@
 // outputs made with empty_like(x) share the numbering and masks are bit-packed in that order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/native/DispatchStub.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -218,8 +218,12 @@ Tensor check_learnable(const Tensor& grad, const Tensor& x, const Tensor& scale,
 // (aarch64 has FMA in its base ISA; not verified).
 bool torch_lsq_uses_fma() {
 #if defined(__x86_64__) || defined(_M_X64)
-  const auto cap = at::native::get_cpu_capability();
-  return cap == at::native::CPUCapability::AVX2 || cap == at::native::CPUCapability::AVX512;
+  // What torch.backends.cpu.get_cpu_capability() reports; fixed for the process.
+  static const bool fma = [] {
+    const std::string cap = at::get_cpu_capability();
+    return cap == "AVX2" || cap == "AVX512";
+  }();
+  return fma;
 #else
   return true;
 #endif
