@@ -257,10 +257,13 @@ def _observe_impl(x: Tensor):
     """fq_observe_forward for x's device. The extension implements it on CPU only; on CUDA the
     Triton backend runs the reference observer step (device-side torch ops, no host read) and
     then its fq_forward kernel."""
-    names = ["reference", "triton"]
+    names = ["reference"]
+    if x.dtype != torch.float64:  # Triton kernels cover fp32/fp16/bf16
+        names.append("triton")
     if x.device.type == "cpu" and _ext_has("fq_observe_forward"):
         names.append("cpu")
-    backend = _backend.select(x.device, supported=tuple(names), op="fake_quant.fq_observe_forward")
+    backend = _backend.select(x.device, supported=tuple(names), op="fake_quant.fq_observe_forward",
+                              numel=x.numel())
     if backend == "cpu":
         return _extension.ops().fq_observe_forward
     if backend == "triton":
