@@ -130,8 +130,10 @@ def fma(a: torch.Tensor, b: torch.Tensor, c) -> torch.Tensor:
     if a.dtype == torch.float64:
         return a * b + c
     p = a.double() * b.double()
-    cd = c.double() if isinstance(c, torch.Tensor) else torch.tensor(float(c), dtype=torch.float64,
-                                                                      device=a.device)
+    if isinstance(c, torch.Tensor):
+        cd = c.double()
+    else:
+        cd = torch.tensor(float(c), dtype=torch.float64, device=a.device)
     s = p + cd
     bv = s - p
     err = (p - (s - bv)) + (cd - bv)
