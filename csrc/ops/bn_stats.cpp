@@ -156,16 +156,18 @@ int dtype_code(at::ScalarType t) {
 }
 
 // Host-built layer table (see bn_stats.cuh) copied to the device; returns tiles and slots.
-// The table holds this call's data pointers, so it is uploaded on every call: asynchronously
-// (a blocking copy would sync the host with the stream once per call; from pageable memory the
-// driver stages the bytes before cudaMemcpyAsync returns, so `host` may be freed right after).
-// Inside a CUDA graph capture the copy becomes a graph node that every replay runs again from
-// the same host address, so there `host` is kept alive (and unchanged) for the process's life.
+// The table holds this call's data pointers, so it is uploaded on every call: from pinned memory
+// and asynchronously. Pinned, because torch refuses a pageable<->CUDA copy during a CUDA graph
+// capture (and a pageable copy is a host sync); the caching host allocator keeps the block from
+// reuse until the copy has run. Inside a capture the copy becomes a graph node that every replay
+// runs again from the same host address, so there `host` is kept alive (and unchanged) for the
+// process's life.
 at::Tensor cuda_layer_table(const std::vector<at::Tensor>& xs, const std::vector<Geometry>& geo,
                             const std::vector<at::Tensor>* dxs, int64_t* n_tiles,
                             int64_t* n_slots) {
   const int64_t L = static_cast<int64_t>(xs.size());
-  at::Tensor host = at::empty({L, kBnLayerFields}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor host = at::empty({L, kBnLayerFields},
+                              at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   int64_t* t = host.data_ptr<int64_t>();
   int64_t tiles = 0, slots = 0, cbase = 0;
   for (int64_t i = 0; i < L; ++i) {
