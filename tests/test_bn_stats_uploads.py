@@ -22,43 +22,81 @@ CUDA = torch.device("cuda", 0)
 
 @pytest.fixture
 def fake_cuda_copy(monkeypatch):
-    """Patches Tensor.pin_memory / is_pinned / to so that to_device(host, cuda) runs on CPU and
-    records (source tensor, source pinned?, non_blocking) for every copy towards CUDA."""
+    """Patches pinning (Tensor.pin_memory / is_pinned, the reserve's allocation) and Tensor.to so
+    that to_device(host, cuda) runs on CPU; records (source, source pinned?, non_blocking) for
+    every copy towards CUDA. Pinned-ness is a property of the storage, as in torch."""
     pinned, copies = set(), []
     real_to = torch.Tensor.to
 
     def pin_memory(self):
         out = self.clone()
-        pinned.add(id(out))
+        pinned.add(out.untyped_storage().data_ptr())
         return out
+
+    def reserve():
+        buf = torch.zeros(_upload.RESERVE_BYTES, dtype=torch.uint8)
+        pinned.add(buf.untyped_storage().data_ptr())
+        return buf
 
     def to(self, *args, **kwargs):
         dev = kwargs.get("device", args[0] if args else None)
         if isinstance(dev, torch.device) and dev.type == "cuda":
-            copies.append((self, id(self) in pinned, kwargs.get("non_blocking", False)))
+            copies.append((self, self.untyped_storage().data_ptr() in pinned,
+                           kwargs.get("non_blocking", False)))
             return self.clone()
         return real_to(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
-    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: id(self) in pinned)
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: self.untyped_storage().data_ptr() in pinned)
     monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(_upload, "_pinned_reserve", reserve)
+    monkeypatch.setattr(_upload, "_reserve", {})
+    monkeypatch.setattr(_upload, "_captured", [])
     return copies
 
 
-@pytest.mark.parametrize("capturing", [False, True])
-def test_to_device_copies_from_pinned_memory_without_blocking(fake_cuda_copy, monkeypatch, capturing):
-    monkeypatch.setattr(_upload, "_capturing", lambda device: capturing)
-    kept = len(_upload._captured)
+def test_to_device_copies_from_pinned_memory_without_blocking(fake_cuda_copy, monkeypatch):
+    monkeypatch.setattr(_upload, "_capturing", lambda device: False)
     host = torch.arange(12, dtype=torch.int64).view(3, 4)
     out = _upload.to_device(host, CUDA)
     assert torch.equal(out, host)
     [(src, src_pinned, non_blocking)] = fake_cuda_copy
     assert src_pinned and non_blocking and src is not host  # staged, never the pageable tensor
-    # Captured: the graph replays the copy from the same host buffer, so it is kept for good.
-    assert len(_upload._captured) == kept + capturing
-    if capturing:
-        assert _upload._captured[-1] is src
-        del _upload._captured[-1]
+    assert CUDA in _upload._reserve  # ready for a capture to come
+
+
+def test_captured_uploads_use_the_reserve_and_keep_their_bytes(fake_cuda_copy, monkeypatch):
+    """In a capture, tables are carved out of the pinned reserve an uncaptured call made (no
+    allocation inside the capture), each at its own address, never reused: replays reread them."""
+    capturing = False
+    monkeypatch.setattr(_upload, "_capturing", lambda device: capturing)
+    _upload.to_device(torch.zeros(3), CUDA)  # warm-up, as before any capture
+    reserve = _upload._reserve[CUDA][0]
+    capturing = True
+    tables = [torch.arange(n, dtype=torch.int64) * (i + 1) for i, n in enumerate((5, 14, 1))]
+    for t in tables:
+        assert torch.equal(_upload.to_device(t, CUDA), t)
+    srcs = [src for src, pinned, nb in fake_cuda_copy[1:]]
+    assert all(pinned and nb for _, pinned, nb in fake_cuda_copy)
+    base = reserve.data_ptr()
+    spans = sorted((s.data_ptr() - base, s.data_ptr() - base + s.numel() * s.element_size()) for s in srcs)
+    assert all(s.untyped_storage().data_ptr() == base for s in srcs)  # inside the reserve
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))  # no overlap
+    for s, t in zip(srcs, tables):
+        assert torch.equal(s, t)  # the bytes a replay copies again
+    assert all(any(s is c for c in _upload._captured) for s in srcs)  # kept past a new reserve
+    capturing = False
+    _upload.to_device(torch.zeros(3), CUDA)  # an uncaptured call never hands out carved bytes
+    for s, t in zip(srcs, tables):
+        assert torch.equal(s, t)
+
+
+def test_captured_upload_without_a_reserve_pins_and_keeps_its_table(fake_cuda_copy, monkeypatch):
+    monkeypatch.setattr(_upload, "_capturing", lambda device: True)
+    host = torch.arange(6, dtype=torch.int64)
+    _upload.to_device(host, CUDA)
+    [(src, src_pinned, non_blocking)] = fake_cuda_copy
+    assert src_pinned and non_blocking and _upload._captured == [src]
 
 
 def test_to_device_on_cpu_is_a_plain_no_copy():
