@@ -9,6 +9,7 @@ from torch.ao.quantization.observer import (MinMaxObserver, MovingAverageMinMaxO
 import acq_kernels as ak
 from acq_kernels import _backend
 from acq_kernels.fake_quant import ops, reference
+from conftest import torch_per_tensor_2_9
 
 BACKENDS = _backend.usable_backends(torch.device("cpu"))
 EXT_OP = {"fake_quantize": "fq_forward", "learnable": "fq_learnable_backward",
@@ -184,8 +185,16 @@ def test_fake_quantize_float64(backend):
         inv = (1.0 / scale).double()[:, None]
         q = torch.round(x.detach() * inv) + zp[:, None]
         assert torch.equal(x.grad, ((q >= 0) & (q <= 15)).double())
-        # per-tensor: torch computes float64 input in fp32
-        x.grad = None
+
+
+@torch_per_tensor_2_9
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fake_quantize_float64_per_tensor(backend):
+    if backend == "triton":
+        pytest.skip("float64 runs on the reference and cpu backends only")
+    with use_backend(backend, "fake_quantize"):
+        # per-tensor: torch (>= 2.9) computes float64 input in fp32
+        x = torch.randn(5, 301, dtype=torch.float64, requires_grad=True)
         y = ak.fake_quantize(x, 0.0123, 3, -128, 127)
         y.backward(torch.ones_like(y))
         xr = x.detach().clone().requires_grad_()
