@@ -42,6 +42,28 @@ def _find_cuda_home():
     return os.path.dirname(os.path.dirname(real))
 
 
+def _nvcc_version(nvcc):
+    """"13.0" from `nvcc --version` ("... release 13.0, V13.0.88"), or None."""
+    import subprocess
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
+def _cuda_mismatch(torch_cuda):
+    """Why nvcc cannot build against this torch (CUDA majors differ: torch's cpp_extension
+    refuses them, e.g. CUDA-12 wheels with nvcc 13), or None."""
+    nvcc = os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "nvcc")
+    nvcc = nvcc if os.path.exists(nvcc) else shutil.which("nvcc")
+    have = _nvcc_version(nvcc) if nvcc else None
+    if have and torch_cuda and have.split(".")[0] != torch_cuda.split(".")[0]:
+        return f"nvcc {nvcc} is CUDA {have} but torch was built with CUDA {torch_cuda}"
+    return None
+
+
 def _max_jobs():
     if "MAX_JOBS" in os.environ:
         return
@@ -85,7 +107,15 @@ def _ext_modules():
     want_cuda = _env("ACQ_KERNELS_CUDA")
     can_cuda = torch.version.cuda is not None and ce.CUDA_HOME is not None and shutil.which(
         "nvcc") is not None
+    mismatch = _cuda_mismatch(torch.version.cuda) if can_cuda else None
+    if mismatch and want_cuda == "auto":
+        print(f"warning: acq_kernels: {mismatch}; building the C++ extension without CUDA "
+              "kernels (Triton still runs on the GPU). Point CUDA_HOME at a matching toolkit "
+              "for them.", file=sys.stderr)
+        can_cuda = False
     with_cuda = can_cuda if want_cuda == "auto" else want_cuda == "1"
+    if with_cuda and mismatch:
+        raise RuntimeError(f"ACQ_KERNELS_CUDA=1 but {mismatch}")
     if with_cuda and not can_cuda:
         raise RuntimeError("ACQ_KERNELS_CUDA=1 but nvcc or a CUDA-enabled torch is missing")
 
@@ -121,15 +151,17 @@ def _ext_modules():
         Ext = ce.CUDAExtension
     else:
         Ext = ce.CppExtension
-    _write_build_config(config)
+    if "--print-build-plan" not in sys.argv:  # a dry run must not touch the build's inputs
+        _write_build_config(config)
     ext = Ext("acq_kernels._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
               extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _ext_modules()
-if "--print-build-plan" in sys.argv:  # debugging aid
-    print(ext_modules)
+if "--print-build-plan" in sys.argv:  # debugging aid (and tests/test_setup.py)
+    cuda = any(str(src).endswith(".cu") for e in ext_modules for src in e.sources)
+    print(f"build plan: extension={bool(ext_modules)} cuda={cuda}")
     sys.exit(0)
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

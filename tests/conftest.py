@@ -18,6 +18,16 @@ import acq_kernels  # noqa: E402,F401
 from acq_kernels import _backend  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+# torch 2.9 changed its per-tensor fake quant (torch.fake_quantize_per_tensor_affine): float64
+# input is now computed through fp32 (before: in float64 throughout), and +inf now clamps to
+# quant_max (before: quant_min, from an out-of-range float->int cast). acq_kernels computes the
+# 2.9 way on every torch, so bitwise comparisons with torch's per-tensor op on such inputs only
+# hold from 2.9 on.
+torch_per_tensor_2_9 = pytest.mark.skipif(
+    TORCH_VERSION < (2, 9), reason="torch < 2.9's per-tensor fake quant differs on float64 / +inf "
+    "input (computed in float64, +inf -> quant_min); acq_kernels follows torch >= 2.9")
 
 
 def pytest_collection_modifyitems(config, items):

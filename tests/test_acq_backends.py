@@ -1,11 +1,15 @@
 """`--backend reference` runs the identical loop: same losses as the default backend on the same seed."""
+import traceback
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import acq_kernels
 from acq.config import make_config
 from acq.models import digits_net
 from acq.trainer import Trainer
+from conftest import cpu_backends
 
 
 def _losses(backend, teacher_state, **kw):
@@ -97,36 +101,67 @@ def test_loop_speed_switches_are_validated():
             make_config(cuda_graphs=True, device="cuda", skip_nonfinite=True)
 
 
+class HostSyncs(TorchDispatchMode):
+    """Records every op that makes the host wait for the device: reading a tensor's value back
+    (item/bool/float, nonzero, masked_select), repeat_interleave without output_size (it sums the
+    repeats on the host) and, with copies=True, lift_fresh, i.e. torch.tensor(host data): a
+    blocking copy from pageable memory on CUDA (fine once per shape set, not every step).
+    torch.optim's host-side step counters are allowed."""
+
+    def __init__(self, copies=True):
+        super().__init__()
+        aten = torch.ops.aten
+        self.reads = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default}
+        if copies:
+            self.reads.add(aten.lift_fresh.default)
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        aten = torch.ops.aten
+        if func in self.reads or (func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None):
+            frames = traceback.format_stack()[:-1]
+            if "torch/optim/" not in "".join(frames).replace("\\", "/"):
+                self.found.append(f"{func}\n" + "".join(frames[-8:]))
+        return func(*args, **kwargs)
+
+
 def test_step_reads_nothing_back_to_the_host(monkeypatch):
     """No host sync inside a training step (observing and main phase): no op that reads a tensor's
-    value back (item/bool/float, nonzero, masked_select) runs, apart from torch.optim's host-side
-    step counters. The CPU-only value checks of acq_kernels' arguments are switched off, as they
-    are for CUDA tensors."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    import traceback
+    value back or copies host data in runs, apart from torch.optim's host-side step counters. The
+    CPU-only value checks of acq_kernels' arguments are switched off, as they are for CUDA
+    tensors."""
     from acq_kernels import _validation
     from acq.config import demo_defaults
-
-    reads = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-             torch.ops.aten.masked_select.default}
-
-    class HostReads(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.found = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in reads:
-                stack = "".join(traceback.format_stack()[:-1])
-                if "torch/optim/" not in stack.replace("\\", "/"):
-                    self.found.append(f"{func}\n{stack}")
-            return func(*args, **(kwargs or {}))
 
     monkeypatch.setattr(_validation, "_can_read_values", lambda t: False)
     cfg = make_config(**demo_defaults(batch_size=8, progress=False, gen_width=16, latent_dim=16, lambda_at=0.5))
     t = Trainer(cfg, digits_net())
     for epoch in (0, cfg.range_epochs):  # observing ranges; then G and Q train on frozen ranges
         t.epoch = epoch
-        with HostReads() as probe:
-            t.step()
-        assert not probe.found, probe.found[0]
+        # The first step builds (and uploads) plans and per-shape vectors once; the next copies nothing.
+        for copies in (False, True):
+            with HostSyncs(copies=copies) as probe:
+                t.step()
+            assert not probe.found, probe.found[0]
+
+
+def test_multi_process_bn_loss_syncs_nothing(monkeypatch):
+    """The multi-process BN loss (flat statistics -> all_reduce -> bns_loss_from_flat), forward and
+    backward, makes no host sync once its per-shape vectors exist: it runs every step."""
+    from acq import distributed
+    from acq_kernels import _validation
+
+    monkeypatch.setattr(_validation, "_can_read_values", lambda t: False)
+    bns = [torch.nn.BatchNorm2d(c) for c in (8, 16, 5)]
+    for m in bns:
+        m.running_mean.normal_()
+        m.running_var.uniform_(0.5, 1.5)
+    for backend in cpu_backends():
+        xs = [torch.randn(4, m.num_features, 5, 5, requires_grad=True) for m in bns]
+        with acq_kernels.set_backend(backend):
+            for copies in (False, True):  # the first call builds the per-shape vectors
+                with HostSyncs(copies=copies) as probe:
+                    loss = distributed.global_bns_loss(xs, bns, world_size=2)
+                    torch.autograd.grad(loss, xs)
+                assert not probe.found, f"{backend}: {probe.found[0]}"

@@ -1,4 +1,5 @@
 """The demo's data pipeline (without running the demo) and the teacher/eval helpers."""
+import pytest
 import torch
 
 from acq.data import DIGITS_TEST, DIGITS_TRAIN, evaluate, load_digits_split, TensorData
@@ -46,6 +47,10 @@ def test_models_and_attention_layers():
     assert INPUT_SHAPE["digits_net"] == (1, 16)
     r = resnet20(100)
     assert r(torch.randn(2, 3, 32, 32)).shape == (2, 100) and len(_stages(r, (1, 3, 32, 32))) == 3
+
+
+def test_torchvision_resnet_stages():
+    pytest.importorskip("torchvision")
     tv = build_model("resnet18", 10)  # torchvision's own definition, random weights
     assert _stages(tv, (1, 3, 64, 64)) == [f"layer{i}_1_relu_1" for i in range(1, 5)]
     assert tv(torch.randn(1, 3, 64, 64)).shape == (1, 10)

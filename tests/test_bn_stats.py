@@ -473,6 +473,32 @@ def test_bns_loss_compiles_without_graph_breaks():
     assert torch.allclose(g, gr, rtol=1e-5, atol=1e-8)
 
 
+def test_compiled_backward_leaves_no_traced_tensor_in_the_vector_cache():
+    """Compiling bns_loss traces the custom op's backward, which asks for the per-channel vectors.
+    On torch <= 2.11 torch.compiler.is_compiling() is False there, and the traced (functional)
+    tensors used to land in the cache: the next eager bns_loss of the same shapes then failed with
+    "Attempting to use FunctionalTensor on its own"."""
+    from acq_kernels.bn_stats import ops
+    xs = [torch.randn(3, 7, 4, 4, requires_grad=True), torch.randn(5, 9, requires_grad=True)]
+    rms, rvs = _targets(xs)
+
+    def f(ts):
+        return acq_kernels.bns_loss(ts, rms, rvs)[0]
+
+    torch._dynamo.reset()
+    ops._vec_cache.clear()
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(xs)
+    torch.autograd.grad(loss, xs)
+    assert all(type(t) is torch.Tensor and not torch._is_functional_tensor(t)
+               for v in ops._vec_cache.values() for t in v)
+    ref = f(xs)  # eager, same shapes: reads the cache
+    g_eager = torch.autograd.grad(ref, xs)
+    assert torch.allclose(loss, ref, rtol=1e-6)
+    lr, _ = bns_loss_reference([x.double() for x in xs], [r.double() for r in rms], [r.double() for r in rvs])
+    assert torch.allclose(ref.double(), lr, rtol=1e-5)
+    assert all(torch.isfinite(g).all() for g in g_eager)
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (interpreter)")
 def test_gpu_tile_sizes_under_interpreter(monkeypatch):
     """The GPU block/tile sizes (not the interpreter's bigger ones): channel folding for small

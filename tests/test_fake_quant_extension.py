@@ -7,6 +7,7 @@ import torch
 from torch.ao.quantization import observer as tq_obs
 
 from acq_kernels import _extension
+from conftest import torch_per_tensor_2_9
 
 if _extension.load() is None:
     pytest.skip("acq_kernels._C (the compiled extension) is not available", allow_module_level=True)
@@ -160,7 +161,7 @@ def test_forward_half_precision(dtype, axis):
         assert out.dtype == dtype
 
 
-@pytest.mark.parametrize("axis", [-1, 2])
+@pytest.mark.parametrize("axis", [pytest.param(-1, marks=torch_per_tensor_2_9), 2])
 def test_forward_float64(axis):
     x = torch.randn(3, 4, 33, dtype=torch.float64) * 2
     scale, zp = random_qparams(1 if axis < 0 else 33, -128, 127)
@@ -185,9 +186,15 @@ def test_forward_nan_and_inf():
         finite = torch.isfinite(x)
         ref, ref_mask = torch_fq(x[finite], scale, zp, -1, -8, 7)
         assert torch.equal(out[finite], ref) and torch.equal(bits[finite], ref_mask)
-    # +-inf per tensor: the same as torch
-    out, _ = ops.fq_forward(x[[4, 5]], scale, zp, -8, 7, -1, False)
-    assert torch.equal(out, torch.fake_quantize_per_tensor_affine(x[[4, 5]], 0.1, 2, -8, 7))
+
+
+@torch_per_tensor_2_9
+def test_forward_inf_per_tensor_matches_torch():
+    x = torch.tensor([float("inf"), float("-inf")])
+    scale = torch.tensor([0.1])
+    zp = torch.tensor([2], dtype=torch.int32)
+    out, _ = ops.fq_forward(x, scale, zp, -8, 7, -1, False)
+    assert torch.equal(out, torch.fake_quantize_per_tensor_affine(x, 0.1, 2, -8, 7))
 
 
 def test_forward_rejects_bad_input():

@@ -9,6 +9,7 @@ from torch.ao.quantization.observer import (MinMaxObserver, MovingAverageMinMaxO
 import acq_kernels as ak
 from acq_kernels import _backend
 from acq_kernels.fake_quant import ops, reference
+from conftest import torch_per_tensor_2_9
 
 BACKENDS = _backend.usable_backends(torch.device("cpu"))
 EXT_OP = {"fake_quantize": "fq_forward", "learnable": "fq_learnable_backward",
@@ -184,8 +185,16 @@ def test_fake_quantize_float64(backend):
         inv = (1.0 / scale).double()[:, None]
         q = torch.round(x.detach() * inv) + zp[:, None]
         assert torch.equal(x.grad, ((q >= 0) & (q <= 15)).double())
-        # per-tensor: torch computes float64 input in fp32
-        x.grad = None
+
+
+@torch_per_tensor_2_9
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fake_quantize_float64_per_tensor(backend):
+    if backend == "triton":
+        pytest.skip("float64 runs on the reference and cpu backends only")
+    with use_backend(backend, "fake_quantize"):
+        # per-tensor: torch (>= 2.9) computes float64 input in fp32
+        x = torch.randn(5, 301, dtype=torch.float64, requires_grad=True)
         y = ak.fake_quantize(x, 0.0123, 3, -128, 127)
         y.backward(torch.ones_like(y))
         xr = x.detach().clone().requires_grad_()
@@ -519,8 +528,73 @@ def test_torch_compile_fullgraph(backend):
 
 # --- GPU (auto-skipped without CUDA) --------------------------------------------------------
 
+def cuda_qparams(min_val, max_val, quant_min, quant_max, symmetric, eps):
+    """torch.ao's _calculate_qparams as torch computes it on CUDA, evaluated on CPU: there
+    `tensor / python_float` is a multiply by the fp32 reciprocal (ATen's div_true_kernel_cuda
+    with a CPU scalar: x * (1.0f / d)), where the CPU divides. Tensor / tensor divides on both."""
+    f32 = torch.float32
+    min_val, max_val = min_val.to(f32), max_val.to(f32)
+    eps_t = torch.tensor(eps, dtype=f32, device=min_val.device)
+    min_neg = torch.minimum(min_val, torch.zeros_like(min_val))
+    max_pos = torch.maximum(max_val, torch.zeros_like(max_val))
+
+    def times_reciprocal(t, d):
+        return t * (torch.tensor(1.0, dtype=f32) / torch.tensor(d, dtype=f32)).to(t.device)
+
+    if symmetric:
+        max_pos = torch.maximum(-min_neg, max_pos)
+        scale = torch.maximum(times_reciprocal(max_pos, float(quant_max - quant_min) / 2), eps_t)
+        zp_val = (quant_min + quant_max) // 2 if quant_min >= 0 else 0
+        return scale, torch.full_like(min_val, zp_val, dtype=torch.int32)
+    scale = torch.maximum(times_reciprocal(max_pos - min_neg, float(quant_max - quant_min)), eps_t)
+    zero_point = quant_min - torch.round(min_neg / scale).to(torch.int32)
+    return scale, torch.clamp(zero_point, quant_min, quant_max).to(torch.int32)
+
+
+def _random_ranges(n=4000):
+    mn = -torch.rand(n) * torch.exp(torch.randn(n) * 3)
+    mx = torch.rand(n) * torch.exp(torch.randn(n) * 3)
+    return mn, mx
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("qrange", [(-8, 7), (0, 15), (-128, 127), (0, 255)], ids=str)
+def test_cuda_qparams_oracle_is_a_multiply_by_the_fp32_reciprocal(symmetric, qrange):
+    """The CUDA oracle's scale is x * fp32(1/d), rounded once (checked in float64, where the
+    product of two fp32 values is exact), and it differs from the CPU's true division on many
+    random ranges: a CPU-computed oracle would fail bitwise CUDA comparisons."""
+    qmin, qmax = qrange
+    mn, mx = _random_ranges()
+    eps = torch.finfo(torch.float32).eps
+    scale, zp = cuda_qparams(mn, mx, qmin, qmax, symmetric, eps)
+    d = float(qmax - qmin) / 2 if symmetric else float(qmax - qmin)
+    span = torch.maximum(-mn, mx) if symmetric else mx - mn
+    inv32 = torch.tensor(1.0 / d, dtype=torch.float64).float()  # == fp32 1.0f / d for these d
+    assert inv32 == torch.tensor(1.0, dtype=torch.float32) / torch.tensor(d, dtype=torch.float32)
+    want = torch.maximum((span.double() * inv32.double()).float(), torch.tensor(eps))
+    assert torch.equal(scale, want)
+    cpu_scale, cpu_zp = reference.calculate_qparams(mn, mx, qmin, qmax, symmetric, eps)
+    differ = (scale != cpu_scale).float().mean().item()
+    assert differ > 0.1, differ  # ~60-70% for most ranges: the oracle must be the CUDA one
+    if not symmetric:
+        assert torch.equal(zp, torch.clamp(qmin - torch.round(mn / scale).to(torch.int32), qmin, qmax))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_cuda_qparams_oracle_matches_torch_ao_on_cuda(symmetric):
+    mn, mx = _random_ranges()
+    obs = _observer(0, -8, 7, symmetric)
+    want_s, want_z = obs._calculate_qparams(mn.cuda(), mx.cuda())
+    scale, zp = cuda_qparams(mn, mx, -8, 7, symmetric, float(obs.eps))
+    assert torch.equal(scale, want_s.cpu()) and torch.equal(zp, want_z.cpu().to(torch.int32))
+
+
 def _cpu_reference(fn, *tensors):
-    with ak.set_backend("reference"):
+    """The reference backend on CPU copies of `tensors`, with the qparams torch computes on
+    CUDA (cuda_qparams): the oracle for CUDA results."""
+    from unittest import mock
+    with ak.set_backend("reference"), mock.patch.object(reference, "calculate_qparams", cuda_qparams):
         return fn(*[t.detach().cpu() if isinstance(t, torch.Tensor) else t for t in tensors])
 
 
@@ -563,9 +637,8 @@ def test_cuda_backends_match_reference(backend, dtype):
         for step in range(3):
             xs = (torch.randn(1 << 20, device=dev) * (step + 1)).to(dtype)
             y = ak.fake_quantize_moving_average(xs, *bufs, 0, 255, averaging_constant=0.1)
-            with ak.set_backend("reference"):
-                yr = ak.fake_quantize_moving_average(xs.cpu(), *ref_bufs, 0, 255,
-                                                     averaging_constant=0.1)
+            yr = _cpu_reference(lambda t: ak.fake_quantize_moving_average(
+                t, *ref_bufs, 0, 255, averaging_constant=0.1), xs)
             assert torch.equal(y.cpu(), yr)
             for a, b in zip(bufs, ref_bufs):
                 assert torch.equal(a.cpu(), b)

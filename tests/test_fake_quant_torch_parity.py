@@ -8,6 +8,7 @@ import torch
 import acq_kernels as ak
 from acq_kernels import _backend
 from acq_kernels.fake_quant import ops
+from conftest import torch_per_tensor_2_9
 
 BACKENDS = _backend.usable_backends(torch.device("cpu"))
 F64_BACKENDS = [b for b in BACKENDS if b in ("reference", "cpu")]  # Triton takes no float64
@@ -40,6 +41,7 @@ def torch_fq_f64(x, scale, zp, qmin, qmax, axis):
     return y.detach(), xr.grad
 
 
+@torch_per_tensor_2_9
 @pytest.mark.parametrize("backend", F64_BACKENDS)
 @pytest.mark.parametrize("qrange", [(0, 255), (-128, 127), (-8, 7)], ids=str)
 def test_float64_per_tensor_matches_torch_bitwise(backend, qrange):

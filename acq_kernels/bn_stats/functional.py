@@ -23,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from .. import _upload
 from . import ops as _ops
 from .plan import layout as _layout
 
@@ -103,7 +104,7 @@ def _packed(xs) -> torch.Tensor:
         starts[i] = s
         s += cs[i]
     perm = torch.cat([torch.arange(starts[i], starts[i] + cs[i]) for i in range(len(xs))])
-    return torch.cat(parts, dim=1)[:, perm.to(parts[0].device)]
+    return torch.cat(parts, dim=1)[:, _upload.to_device(perm, parts[0].device)]
 
 
 def _split(vec, channels):
@@ -211,9 +212,7 @@ def bns_loss_from_flat(flat, channels, running_means, running_vars, shifts=None)
     mean, var, channels = _unflat(flat, channels, shifts)
     _check_per_channel(running_means, "running_means", channels, flat.device)
     _check_per_channel(running_vars, "running_vars", channels, flat.device)
-    idx = torch.repeat_interleave(torch.arange(len(channels), device=flat.device),
-                                  torch.tensor(channels, device=flat.device))
-    inv_c = 1.0 / torch.tensor(channels, dtype=flat.dtype, device=flat.device)[idx]
+    inv_c, idx = _ops.layer_vectors(channels, flat.device, flat.dtype)  # cached: no host sync
     return _loss_from_stats(mean, var, running_means, running_vars, inv_c, idx, len(channels))
 
 

@@ -15,7 +15,7 @@ import threading
 import numpy as np
 import torch
 
-from .. import _backend, _extension
+from .. import _backend, _extension, _upload
 from .._launch_guard import triton_launcher
 from . import plan as _plan
 from . import reference as _ref
@@ -48,32 +48,64 @@ _vec_cache: dict = {}
 _vec_lock = threading.Lock()
 
 
-def _build_channel_vectors(layers, device, dtype):
+def _tracing() -> bool:
+    """True while torch.compile / AOTAutograd / make_fx traces (fake, functional or proxy
+    tensors). torch.compiler.is_compiling() alone is not enough: on torch <= 2.11 it is False
+    while AOTAutograd traces a custom op's backward, and caching the traced tensors there breaks
+    every later eager call ("Attempting to use FunctionalTensor on its own")."""
+    if torch.compiler.is_compiling():
+        return True
+    get, keys = torch._C._get_dispatch_mode, torch._C._TorchDispatchModeKey
+    return any(get(k) is not None for k in (keys.FAKE, keys.FUNCTIONAL, keys.PROXY))
+
+
+def _cacheable(ts) -> bool:
+    # Plain tensors only: never a FakeTensor, FunctionalTensor or functionalized wrapper.
+    return all(type(t) is torch.Tensor and not torch._is_functional_tensor(t) for t in ts)
+
+
+def _build_vectors(layers, device, dtype, traced: bool):
     counts, inv_c, idx = [], [], []
     for i, (c, m) in enumerate(layers):
         counts += [m] * c
         inv_c += [1.0 / c] * c
         idx += [i] * c
-    return (torch.tensor(counts, dtype=dtype, device=device),
-            torch.tensor(inv_c, dtype=dtype, device=device),
-            torch.tensor(idx, dtype=torch.long, device=device))
+    if traced:  # constants of the traced graph
+        return (torch.tensor(counts, dtype=dtype, device=device),
+                torch.tensor(inv_c, dtype=dtype, device=device),
+                torch.tensor(idx, dtype=torch.long, device=device))
+    # Built on the host and uploaded once per shape set (pinned, async: no sync, capturable).
+    return (_upload.to_device(torch.tensor(counts, dtype=dtype), device),
+            _upload.to_device(torch.tensor(inv_c, dtype=dtype), device),
+            _upload.to_device(torch.tensor(idx, dtype=torch.long), device))
+
+
+def _vectors(layers: tuple, device, dtype):
+    if _tracing():
+        return _build_vectors(layers, device, dtype, traced=True)
+    key = (device, dtype) + layers
+    v = _vec_cache.get(key)
+    if v is None:
+        v = _build_vectors(layers, device, dtype, traced=False)
+        if _cacheable(v):
+            with _vec_lock:
+                if len(_vec_cache) > 256:
+                    _vec_cache.clear()
+                _vec_cache[key] = v
+    return v
 
 
 def channel_vectors(xs, device, dtype):
     """(count per channel [sum C], 1/C_l per channel [sum C], layer index [sum C]) for these
     shapes, built once per shape set and device (rebuilt as constants under torch.compile)."""
-    layers = tuple((x.shape[1], x.numel() // x.shape[1]) for x in xs)
-    if torch.compiler.is_compiling():
-        return _build_channel_vectors(layers, device, dtype)
-    key = (device, dtype) + layers
-    v = _vec_cache.get(key)
-    if v is None:
-        v = _build_channel_vectors(layers, device, dtype)
-        with _vec_lock:
-            if len(_vec_cache) > 256:
-                _vec_cache.clear()
-            _vec_cache[key] = v
-    return v
+    return _vectors(tuple((x.shape[1], x.numel() // x.shape[1]) for x in xs), device, dtype)
+
+
+def layer_vectors(channels, device, dtype):
+    """(1/C_l per channel [sum C], layer index [sum C]) for layers of `channels` channels,
+    cached like `channel_vectors` (for losses over flat buffers, which carry no shapes)."""
+    _, inv_c, idx = _vectors(tuple((c, 0) for c in channels), device, dtype)
+    return inv_c, idx
 
 
 # ----------------------------------------------------------------------------- triton driver
@@ -100,25 +132,17 @@ def _aligned_layers(plan, vec, *bases_offs):
     return ok
 
 
-# Host tables copied inside a CUDA graph capture: the copy is a graph node that every replay
-# runs again from the same host address, so they are kept alive (and unchanged) for good.
-_captured_host_tables: list = []
-
-
 def _offsets_table(offs_list, vec, device):
     """One host->device copy of every base-offset table, each in units of vec and of 1
     element: rows (offs_0 // vec, offs_0, offs_1 // vec, offs_1, ...); width padded to even.
-    Asynchronous: from pageable memory the driver stages the bytes before the call returns."""
+    It holds this call's data pointers, so it is uploaded on every call (pinned, async)."""
     width = (len(offs_list[0]) + 1) // 2 * 2
     t = np.zeros((2 * len(offs_list), width), dtype=np.int64)
     for i, offs in enumerate(offs_list):
         o = np.asarray(offs, dtype=np.int64)
         t[2 * i, :len(o)] = o // vec
         t[2 * i + 1, :len(o)] = o
-    host = torch.from_numpy(t)
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        _captured_host_tables.append(host)
-    return host.to(device, non_blocking=True)
+    return _upload.to_device(torch.from_numpy(t), device)
 
 
 @triton_launcher

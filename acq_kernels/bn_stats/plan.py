@@ -14,6 +14,7 @@ import threading
 import numpy as np
 import torch
 
+from .. import _upload
 from . import triton_kernels as tk
 
 # Elements a tile aims to cover: big enough to amortise the per-tile overhead on a GPU,
@@ -163,7 +164,7 @@ class Plan:
             pbase += p_rows * lay.channels
         self.n_slots = pbase
         self.tiles_np = np.concatenate(tiles)
-        self.combine = torch.from_numpy(np.concatenate(combine)).to(device)
+        self.combine = _upload.to_device(torch.from_numpy(np.concatenate(combine)), device)
         self.device = device
         self._tiles = {}
 
@@ -190,9 +191,10 @@ class Plan:
             if sel.any():
                 t = self.tiles_np[sel].copy()
                 t[:, self._ADDR] //= vec
-                groups.append((vec, torch.from_numpy(t).to(self.device)))
+                groups.append((vec, _upload.to_device(torch.from_numpy(t), self.device)))
             if (~sel).any():
-                groups.append((1, torch.from_numpy(self.tiles_np[~sel].copy()).to(self.device)))
+                groups.append((1, _upload.to_device(torch.from_numpy(self.tiles_np[~sel].copy()),
+                                                     self.device)))
             self._tiles[key] = groups
         return groups
 

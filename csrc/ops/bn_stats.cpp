@@ -6,7 +6,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <map>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "cpu/bn_stats.h"
@@ -155,17 +157,47 @@ int dtype_code(at::ScalarType t) {
   return 0;
 }
 
+// Pinned host memory for one layer table [L, kBnLayerFields]. Pinned, because torch refuses a
+// pageable<->CUDA copy during a CUDA graph capture (and a pageable copy is a host sync); the
+// caching host allocator keeps an uncaptured table's block from reuse until its copy has run.
+// Inside a capture the copy becomes a graph node that every replay runs again from the same host
+// address, so a captured table must stay (unchanged) for the process's life, and is best not
+// allocated there (the host allocator may query CUDA events, which a capture forbids): captured
+// tables are carved out of a per-device reserve that uncaptured calls keep ready, and kept.
+constexpr int64_t kReserveLongs = 8192;  // 64 KiB
+std::mutex g_table_mu;
+std::map<int, std::pair<at::Tensor, int64_t>> g_reserve;  // device -> (buffer, longs used)
+std::vector<at::Tensor> g_captured;                       // a few hundred bytes per captured call
+
+at::Tensor pinned_table(int64_t L, int device, bool capturing) {
+  const auto opts = at::TensorOptions().dtype(at::kLong).pinned_memory(true);
+  const int64_t n = L * kBnLayerFields;
+  const std::lock_guard<std::mutex> lock(g_table_mu);
+  auto& r = g_reserve[device];
+  if (!capturing) {
+    if (!r.first.defined() || r.second > kReserveLongs / 2) r = {at::empty({kReserveLongs}, opts), 0};
+    return at::empty({L, kBnLayerFields}, opts);
+  }
+  at::Tensor t;
+  if (r.first.defined() && r.second + n <= kReserveLongs) {
+    t = r.first.narrow(0, r.second, n).view({L, kBnLayerFields});
+    r.second += (n + 1) / 2 * 2;  // 16-byte aligned
+  } else {
+    t = at::empty({L, kBnLayerFields}, opts);  // no uncaptured call came first, or a huge table
+  }
+  g_captured.push_back(t);
+  return t;
+}
+
 // Host-built layer table (see bn_stats.cuh) copied to the device; returns tiles and slots.
-// The table holds this call's data pointers, so it is uploaded on every call: asynchronously
-// (a blocking copy would sync the host with the stream once per call; from pageable memory the
-// driver stages the bytes before cudaMemcpyAsync returns, so `host` may be freed right after).
-// Inside a CUDA graph capture the copy becomes a graph node that every replay runs again from
-// the same host address, so there `host` is kept alive (and unchanged) for the process's life.
+// The table holds this call's data pointers, so it is uploaded on every call, asynchronously.
 at::Tensor cuda_layer_table(const std::vector<at::Tensor>& xs, const std::vector<Geometry>& geo,
                             const std::vector<at::Tensor>* dxs, int64_t* n_tiles,
                             int64_t* n_slots) {
   const int64_t L = static_cast<int64_t>(xs.size());
-  at::Tensor host = at::empty({L, kBnLayerFields}, at::TensorOptions().dtype(at::kLong));
+  const bool capturing =
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  at::Tensor host = pinned_table(L, xs[0].device().index(), capturing);
   int64_t* t = host.data_ptr<int64_t>();
   int64_t tiles = 0, slots = 0, cbase = 0;
   for (int64_t i = 0; i < L; ++i) {
@@ -207,14 +239,7 @@ at::Tensor cuda_layer_table(const std::vector<at::Tensor>& xs, const std::vector
   TORCH_CHECK(tiles < (int64_t(1) << 31), "bn_stats (cuda): too many tiles");
   *n_tiles = tiles;
   *n_slots = slots;
-  at::Tensor table = host.to(xs[0].device(), /*non_blocking=*/true);
-  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
-    static std::mutex mu;
-    static std::vector<at::Tensor> captured;  // a few hundred bytes per captured call
-    const std::lock_guard<std::mutex> lock(mu);
-    captured.push_back(host);
-  }
-  return table;
+  return host.to(xs[0].device(), /*non_blocking=*/true);
 }
 
 at::Tensor bn_stats_fwd_cuda(const at::TensorList xs_in) {
