@@ -31,13 +31,24 @@ def check_bits(name: str, bits: int) -> int:
     return bits
 
 
-class QuantConv2d(nn.Conv2d):
+class WeightQuant:
+    """Marker of a weight-quantized layer (per-output-channel asymmetric min/max, `w_bits`)."""
+
+    def weight_qparams(self):
+        """(scale fp32[C], zero_point int32[C], quant_min, quant_max, axis) of the fake-quantized weight:
+        clamp(round(w * (1 / scale)) + zero_point, quant_min, quant_max) are its integers (export)."""
+        qmax = 2 ** self.w_bits - 1
+        _, scale, zp = ops.fake_quantize_minmax(self.weight.detach(), 0, qmax, axis=0, ste=self.ste)
+        return scale, zp, 0, qmax, 0
+
+
+class QuantConv2d(WeightQuant, nn.Conv2d):
     def forward(self, x):
         w, _, _ = ops.fake_quantize_minmax(self.weight, 0, 2 ** self.w_bits - 1, axis=0, ste=self.ste)
         return self._conv_forward(x, w, self.bias)
 
 
-class QuantLinear(nn.Linear):
+class QuantLinear(WeightQuant, nn.Linear):
     def forward(self, x):
         w, _, _ = ops.fake_quantize_minmax(self.weight, 0, 2 ** self.w_bits - 1, axis=0, ste=self.ste)
         return F.linear(x, w, self.bias)
