@@ -31,6 +31,7 @@ from torch import fx, nn
 
 from . import deploy
 from .errors import AcqError
+from .paths import check_output_dir
 from .quant import ActQuant, WeightQuant
 
 ONNX_FILE = "model.onnx"
@@ -56,7 +57,7 @@ def state_sha256(module: nn.Module) -> str:
     for k, v in sorted(module.state_dict().items()):
         v = v.detach().cpu().contiguous()
         h.update(f"{k}:{v.dtype}:{tuple(v.shape)}".encode())
-        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
     return h.hexdigest()
 
 
@@ -71,18 +72,6 @@ def require_export_deps(onnx: bool = True) -> None:
             missing.append(n)
     if missing:
         raise AcqError(f"acq export needs {', '.join(missing)} ({_EXTRA})")
-
-
-def prepare_out_dir(out_dir: str) -> None:
-    """Create `out_dir` (or accept an existing directory); AcqError when that is impossible."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise AcqError(f"--out {out_dir} exists and is not a directory")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    probe = out_dir if os.path.isdir(out_dir) else parent
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise AcqError(f"--out {out_dir} is not writable ({probe} is not a writable directory)")
 
 
 # ---------------------------------------------------------------- module rewriting
@@ -282,7 +271,7 @@ def export_student(student: nn.Module, out_dir: str, input_shape, meta: dict | N
     """
     input_shape = [int(v) for v in input_shape]
     require_export_deps(onnx)
-    prepare_out_dir(out_dir)
+    check_output_dir(out_dir, "--out")
     model, layers, sites = to_deploy_modules(student)
     gm = trace(model)
     modules, tensors = _modules_of(gm)
