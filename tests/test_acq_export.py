@@ -24,7 +24,7 @@ from acq.data import DIGITS_TEST, load_digits_split  # noqa: E402
 from acq.errors import AcqError  # noqa: E402
 from acq.export import export_student, onnx_run, onnx_session  # noqa: E402
 from acq.models import digits_net  # noqa: E402
-from acq.quant import ActQuant, WeightQuant, calibrate_on_noise, quantize_model  # noqa: E402
+from acq.quant import ActQuant, WeightQuant, calibrate_on_noise, quantize_model, set_observing  # noqa: E402
 
 SMALL = {"gen_width": 16, "latent_dim": 16}
 RUN = ["--epochs", "2", "--iters", "3", "--batch-size", "16", "--warmup-epochs", "1", "--range-epochs", "1",
@@ -69,6 +69,7 @@ def _student_of(run):
     load_teacher_weights(t, str(run["teacher"]), 10)
     s = quantize_model(t, 4, 4)
     s.load_state_dict(state["student"])
+    set_observing(s, False)
     return s.eval()
 
 
@@ -200,40 +201,46 @@ def _calibrated(w=4, a=4, seed=0):
     return s
 
 
-def test_graph_module_student_and_raw_zero_points(tmp_path, monkeypatch):
+class _RawZeroPointConv(WeightQuant, nn.Conv2d):
+    """A weight quantizer in "raw" mode: zero points shifted outside [quant_min, quant_max]."""
+    shift = -9
+
+    def weight_qparams(self):
+        scale, zp, qmin, qmax, axis = super().weight_qparams()
+        return scale, zp + self.shift, qmin, qmax, axis
+
+    def fake_weight(self):
+        scale, zp, qmin, qmax, _ = self.weight_qparams()
+        q = torch.clamp(torch.round(self.weight * (1 / scale).view(-1, 1, 1, 1)) + zp.view(-1, 1, 1, 1), qmin, qmax)
+        return (q - zp.view(-1, 1, 1, 1)) * scale.view(-1, 1, 1, 1)
+
+    def forward(self, x):
+        return self._conv_forward(x, self.fake_weight(), self.bias)
+
+
+def test_graph_module_student_and_raw_zero_points(tmp_path):
     class Leaves(fx.Tracer):
         def is_leaf_module(self, m, name):
             return isinstance(m, (ActQuant, WeightQuant)) or super().is_leaf_module(m, name)
 
     s = _calibrated(3, 5)
+    s.conv1.__class__ = _RawZeroPointConv
     gm = fx.GraphModule(s, Leaves().trace(s))
-    # "raw" zero points outside [quant_min, quant_max]: stored in an int8 container, still exact
-    conv = gm.conv1
-    orig = type(conv).weight_qparams
-
-    def raw(self):
-        scale, zp, qmin, qmax, axis = orig(self)
-        return scale, zp - 9 if self is conv else zp, qmin, qmax, axis
-
-    monkeypatch.setattr(type(conv), "weight_qparams", raw)
-    x = torch.randn(4, 1, 16, 16)
+    assert isinstance(gm, fx.GraphModule)
     m = export_student(gm, str(tmp_path / "e"), (1, 16, 16), onnx=False)
     assert m["weight_layers"][0]["container"] == "int8" and m["weight_layers"][1]["container"] == "uint8"
     assert all(site["quant_max"] == 31 for site in m["activation_sites"])
+    assert m["check"]["torch_max_abs_diff"] == 0.0
     from acq import deploy
     rebuilt = deploy.load(str(tmp_path / "e"))
-    q = rebuilt.get_buffer("conv1.weight_int")
-    scale, zp, qmin, qmax, _ = raw(conv)
-    w = conv.weight.detach()
-    want_q = torch.clamp(torch.round(w * (1 / scale).view(-1, 1, 1, 1)) + zp.view(-1, 1, 1, 1), qmin, qmax)
-    assert torch.equal(q.float(), want_q)
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), gm(x))
     # a zero point no 8-bit container holds is refused, never silently changed
-    monkeypatch.setattr(type(conv), "weight_qparams",
-                        lambda self: (*orig(self)[:1], orig(self)[1] + 500, *orig(self)[2:]))
+    s.conv1.shift = 500
     with pytest.raises(AcqError, match="8-bit container"):
         export_student(s, str(tmp_path / "f"), (1, 16, 16), onnx=False)
     assert not (tmp_path / "f").exists()
-    del x
 
 
 def test_uncalibrated_site_and_wide_activations_are_refused(tmp_path):
