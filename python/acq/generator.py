@@ -93,5 +93,14 @@ class Generator224(_ConditionalSeed):
 
 def build_generator(num_classes: int, img_size: int, channels: int, latent_dim: int = 100, width: int = 128,
                     use_center: bool = True) -> nn.Module:
+    """The conditional image generator G(z, y, c) -> images [N, channels, img_size, img_size] in [-1, 1].
+
+    num_classes: labels y are int64 [N] in [0, num_classes).
+    img_size: output height = width (>= 128: the ImageNet-scale generator with more upsampling stages).
+    channels: output image channels (the teacher's input channels).
+    latent_dim: size of the noise z [N, latent_dim].
+    width: base channel width of the generator's convolutions.
+    use_center: condition on attention centers c [N, 2] in [-1, 1]^2 (ACQ); False: z and y only (GDFQ).
+    """
     cls = Generator224 if img_size >= 128 else Generator
     return cls(num_classes, img_size, channels, latent_dim, width, use_center)

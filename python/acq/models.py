@@ -126,6 +126,12 @@ def _torchvision_resnet(name: str, num_classes: int, pretrained: bool) -> nn.Mod
 
 
 def build_model(name: str, num_classes: int, pretrained: bool = False) -> nn.Module:
+    """A classifier by name: images [N, C, H, W] (C, H from INPUT_SHAPE[name]) -> logits [N, num_classes].
+
+    name: one of MODELS (digits_net, resnet20, resnet18, resnet50).
+    num_classes: output classes.
+    pretrained: torchvision's ImageNet weights (resnet18/50 only, 1000 classes; from the local torch cache).
+    """
     if name == "digits_net":
         return digits_net(num_classes)
     if name == "resnet20":

@@ -111,7 +111,13 @@ def quantize_model(teacher: nn.Module, w_bits: int, a_bits: int, first_last_bits
                    ste: str = "pure", momentum: float = 0.9) -> nn.Module:
     """A quantized deep copy of `teacher` in eval mode (BN stays a fixed affine; gamma/beta trainable).
 
+    teacher: the float model (not modified); the copy takes the same inputs ([N, C, H, W]) and returns
+        the same outputs ([N, classes]).
+    w_bits: weight bits, per output channel, asymmetric min/max recomputed each forward.
+    a_bits: activation bits after every ReLU, per tensor, asymmetric, EMA range.
     first_last_bits: weight bits of the first conv and the last linear layer (None: w_bits).
+    ste: straight-through estimator of the rounding: "pure" (identity) or "clipped" (zero outside the range).
+    momentum: EMA momentum of the activation ranges (averaging constant 1 - momentum).
     """
     check_bits("w_bits", w_bits)
     check_bits("a_bits", a_bits)
