@@ -287,3 +287,20 @@ def test_eval_onnx_bad_input(digits_run, tmp_path):
     assert rc == 2 and "3-channel" in err
     rc, _, err = _run(["eval", "--onnx", str(digits_run["exp"] / "model.onnx"), "--checkpoint", "x"])
     assert rc == 2 and "--checkpoint does not apply" in err
+
+
+def test_demo_exports_its_acq_students_and_reports_onnxruntime_accuracy(tmp_path):
+    from acq.demo import run_demo
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    torch.manual_seed(0)
+    torch.save(digits_net().state_dict(), cache / "digits_teacher_seed0.pt")  # no 30-epoch teacher here
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        res = run_demo(str(tmp_path / "demo"), [(4, 4)], cache_dir=str(cache), progress=False, epochs=2,
+                       iters_per_epoch=2, batch_size=16, gen_width=16, latent_dim=16)
+    (row,) = res["rows"]
+    assert abs(row["acq_onnx"] - row["acq"]) <= 100.0 / DIGITS_TEST + 1e-9
+    assert (tmp_path / "demo" / "w4a4_acq" / "export" / "model.onnx").exists()
+    assert "ACQ (ONNX, onnxruntime)" in res["table"] and f"{row['acq_onnx']:.2f} |" in res["table"]
+    assert "onnxruntime" in out.getvalue()

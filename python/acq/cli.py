@@ -408,7 +408,6 @@ def _input_shape(cfg) -> tuple[int, int, int]:
 
 
 def _eval_onnx(args) -> int:
-    from .config import make_config
     from .data import CHANNELS
     from .export import onnx_session, onnx_run
     for flag in ("checkpoint", "model", "teacher_weights", "num_classes"):
@@ -416,7 +415,12 @@ def _eval_onnx(args) -> int:
             raise AcqError(f"--onnx evaluates the ONNX file alone; --{flag.replace('_', '-')} does not apply")
     if not os.path.isfile(args.onnx):
         raise AcqError(f"ONNX file not found: {args.onnx}")
-    cfg = make_config(**{k: getattr(args, k) for k in ("dataset", "data_dir", "seed") if getattr(args, k) is not None})
+    import types
+    from .data import check_dataset
+    cfg = types.SimpleNamespace(dataset=check_dataset(args.dataset or "digits"), data_dir=args.data_dir,
+                                seed=0 if args.seed is None else args.seed)
+    if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
+        raise AcqError(f"data dir not found: {cfg.data_dir}")
     if args.batch_size < 1:
         raise AcqError(f"--batch-size must be >= 1, got {args.batch_size}")
     session = onnx_session(args.onnx)

@@ -131,12 +131,6 @@ class Config:
                 raise AcqError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
         if self.num_classes is not None and self.num_classes < 2:
             raise AcqError(f"num_classes must be >= 2, got {self.num_classes}")
-        if self.num_classes is not None and self.num_classes != NUM_CLASSES[self.dataset]:
-            raise AcqError(f"num_classes is {self.num_classes} but dataset {self.dataset!r} has "
-                           f"{NUM_CLASSES[self.dataset]} classes")
-        if self.model in INPUT_SHAPE and INPUT_SHAPE[self.model][0] != CHANNELS[self.dataset]:
-            raise AcqError(f"model {self.model!r} takes {INPUT_SHAPE[self.model][0]}-channel images but dataset "
-                           f"{self.dataset!r} has {CHANNELS[self.dataset]} channels (pass a matching --dataset)")
         for name in ("lambda_ce", "beta_bns", "lambda_acm", "lambda_pair", "lambda_cons", "lambda_kd",
                      "lambda_ce_q", "lambda_at", "lr_g", "lr_q", "weight_decay", "pair_margin"):
             if getattr(self, name) < 0:
@@ -170,6 +164,13 @@ class Config:
             raise AcqError(f"teacher weights file not found: {self.teacher_weights}")
         if self.data_dir is not None and not os.path.isdir(self.data_dir):
             raise AcqError(f"data dir not found: {self.data_dir}")
+        # the model must fit the data it is evaluated on (checked last: the settings themselves come first)
+        if self.num_classes is not None and self.num_classes != NUM_CLASSES[self.dataset]:
+            raise AcqError(f"num_classes is {self.num_classes} but dataset {self.dataset!r} has "
+                           f"{NUM_CLASSES[self.dataset]} classes")
+        if self.model in INPUT_SHAPE and INPUT_SHAPE[self.model][0] != CHANNELS[self.dataset]:
+            raise AcqError(f"model {self.model!r} takes {INPUT_SHAPE[self.model][0]}-channel images but dataset "
+                           f"{self.dataset!r} has {CHANNELS[self.dataset]} channels (pass a matching --dataset)")
         return self
 
 
