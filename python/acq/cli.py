@@ -41,6 +41,9 @@ def _with_defaults(p: argparse.ArgumentParser, fallback: dict) -> argparse.Argum
         text = a.help or ""
         if "default" in text:
             continue
+        if a.required:
+            a.help = f"{text.replace(' (required)', '').replace('; required', '')} (required: no default)"
+            continue
         if isinstance(a, argparse._StoreTrueAction):
             default = "off"
         elif isinstance(a, argparse._StoreFalseAction):
@@ -83,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     from .config import Config
     cfg_defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
                     for f in dataclasses.fields(Config)}
-    ckpt_defaults = {k: f"the checkpoint's (else {v})" for k, v in cfg_defaults.items()}
+    ckpt_defaults = {k: f"the checkpoint's (else {'none' if v is None else v})" for k, v in cfg_defaults.items()}
     ap = argparse.ArgumentParser(prog="acq", description="Data-free quantization with ACQ (and GDFQ).")
     ap.add_argument("--version", action=_VersionInfo,
                     help="print the versions of acq, acq_kernels, torch and triton and the backend in force")

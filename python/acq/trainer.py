@@ -296,7 +296,7 @@ class Trainer:
         (cfg.progress only switches the progress bars)."""
         while self.epoch < self.cfg.epochs:
             s = self.run_epoch()
-            if epoch_lines:
+            if epoch_lines and getattr(self, "rank", 0) == 0:  # under torchrun: rank 0 alone
                 acc = f", acc {s['acc']:.2f}%" if "acc" in s else ""
                 phase = " (warm-up: student not trained)" if s["epoch"] < self.cfg.warmup_epochs else ""
                 say(f"epoch {s['epoch'] + 1}/{self.cfg.epochs}: g_total {s['g_total']:.4f}"
