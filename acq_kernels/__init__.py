@@ -9,3 +9,19 @@ from .bn_stats import (BNStatCollector, all_reduce_flat, bn_stats, bn_stats_flat
                        bn_stats_from_flat, bns_loss, bns_loss_from_flat, merge_bn_stats)
 from .attention import (attention_center_loss, attention_pair_distance,  # noqa: E402,F401
                         attention_pair_hinge, attention_sq_distance, spatial_attention)
+
+# The public API (everything else is internal and may change).
+__all__ = [
+    "__version__",
+    # backend selection
+    "get_backend", "set_backend", "tune_cpu_allocator",
+    # fake quantization: functions and torch.ao-compatible modules
+    "fake_quantize", "fake_quantize_learnable", "fake_quantize_minmax", "fake_quantize_moving_average",
+    "FakeQuant", "LearnableFakeQuant",
+    # batched BatchNorm statistics and the BNS loss
+    "BNStatCollector", "all_reduce_flat", "bn_stats", "bn_stats_flat", "bn_stats_from_flat", "bns_loss",
+    "bns_loss_from_flat", "merge_bn_stats",
+    # spatial attention maps and the ACQ attention losses
+    "attention_center_loss", "attention_pair_distance", "attention_pair_hinge", "attention_sq_distance",
+    "spatial_attention",
+]

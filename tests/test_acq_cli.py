@@ -203,7 +203,7 @@ def test_example_configs_parse():
 
 def test_toml_config_file(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text('[train]\nmodel = "resnet20"\nw_bits = 3\na_bits = 3\nlambda_pair = 0.0\n')
+    path.write_text('[train]\nmodel = "resnet20"\ndataset = "cifar10"\nw_bits = 3\na_bits = 3\nlambda_pair = 0.0\n')
     cfg = make_config(str(path), a_bits=4)
     assert (cfg.model, cfg.w_bits, cfg.a_bits, cfg.lambda_pair) == ("resnet20", 3, 4, 0.0)
 

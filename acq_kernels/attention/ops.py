@@ -171,6 +171,9 @@ def spatial_attention(feat: Tensor, p: float = 2):
     """Spatial attention of a feature map F [N, C, H, W] (contiguous, strided or channels_last;
     fp32/fp16/bf16, float64 on the reference/cpu backends), from one read of F.
 
+    feat: the feature map F [N, C, H, W].
+    p: the exponent of |F|^p (a positive finite real; 2 is the usual choice).
+
     Returns, in F's dtype (computed in fp32):
       amap   [N, H, W]  A = mean over channels of |F|^p
       anorm  [N, H*W]   vec(A) / max(||vec(A)||_2, 1e-12)
@@ -254,13 +257,23 @@ def attention_sq_distance(a: Tensor, b: Optional[Tensor] = None, reduction: str 
     """Per-sample ||a - b||_2^2 over the flattened maps (attention transfer, eval/train
     consistency), reduced over samples ("mean" | "sum" | "none" -> [N]). b=None: a is a stacked
     [2N, ...] batch and a[:N] is compared with a[N:] in one launch. Returns fp32 (float64 for
-    float64 inputs); one read of a and b forward, one read + one write each backward."""
+    float64 inputs); one read of a and b forward, one read + one write each backward.
+
+    a: attention maps [N, ...] (e.g. spatial_attention's anorm [N, H*W]), or [2N, ...] when b is None.
+    b: maps of a's shape, or None.
+    reduction: "mean" (a scalar), "sum" (a scalar) or "none" (per sample, [N]).
+    """
     _check_reduction(reduction)
     return _reduce(_pair_sq_per_sample(a, b), reduction)
 
 
 def attention_center_loss(center: Tensor, target: Tensor, reduction: str = "mean"):
-    """Per-sample ||center - target||^2 with center, target [N, 2] (attention-center matching)."""
+    """Per-sample ||center - target||^2 with center, target [N, 2] (attention-center matching).
+
+    center: attention centers [N, 2] (spatial_attention's center, (x, y) in [-1, 1]).
+    target: the requested centers [N, 2].
+    reduction: "mean" (a scalar), "sum" (a scalar) or "none" (per sample, [N]).
+    """
     _check_reduction(reduction)
     _check_float_tensor(center, "center")
     if center.dim() != 2 or center.shape[1] != 2:
@@ -280,7 +293,12 @@ def _safe_sqrt(d2: Tensor) -> Tensor:
 
 def attention_pair_distance(a: Tensor, b: Optional[Tensor] = None, reduction: str = "none"):
     """Per-sample ||a - b||_2 (gradient 0 where a == b); b=None: stacked halves. For averaging
-    d over several layers before a hinge, as ACQ_SPEC's L_PAIR does."""
+    d over several layers before a hinge, as ACQ_SPEC's L_PAIR does.
+
+    a: attention maps [N, ...], or a stacked [2N, ...] batch of pairs (a[i], a[N + i]) when b is None.
+    b: maps of a's shape, or None.
+    reduction: "none" (per sample, [N]; the default), "mean" or "sum" (a scalar).
+    """
     _check_reduction(reduction)
     return _reduce(_safe_sqrt(_pair_sq_per_sample(a, b)), reduction)
 
@@ -288,7 +306,13 @@ def attention_pair_distance(a: Tensor, b: Optional[Tensor] = None, reduction: st
 def attention_pair_hinge(a: Tensor, b: Optional[Tensor] = None, margin: float = 1.0,
                          reduction: str = "mean"):
     """Per-sample relu(margin - ||a - b||_2) (paired-sample separation); b=None: a is a stacked
-    [2N, ...] batch of pairs (a[i], a[N + i]). Gradient 0 where a == b."""
+    [2N, ...] batch of pairs (a[i], a[N + i]). Gradient 0 where a == b.
+
+    a: attention maps [N, ...] or [2N, ...] (b None).
+    b: maps of a's shape, or None.
+    margin: the hinge margin (a finite real).
+    reduction: "mean" (a scalar), "sum" (a scalar) or "none" (per sample, [N]).
+    """
     _check_reduction(reduction)
     if isinstance(margin, bool) or not isinstance(margin, numbers.Real):
         raise TypeError(f"margin must be a real number, got {type(margin).__name__}")

@@ -114,7 +114,11 @@ def _split(vec, channels):
 def bn_stats(tensors: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer (mean [C], biased var [C]) over every dim but 1 of each BN input, fp32
     (fp64 for fp64 inputs), differentiable w.r.t. the inputs. All layers are reduced together
-    (one reduction + one combine launch on the Triton/CUDA backends)."""
+    (one reduction + one combine launch on the Triton/CUDA backends).
+
+    tensors: the inputs of the BN layers, one per layer: [N, C, ...] (e.g. [N, C, H, W] or [N, C]),
+        floating point, all on one device; C may differ between layers.
+    """
     xs = _check_tensors(tensors)
     packed = _packed(xs)
     channels = [x.shape[1] for x in xs]
@@ -132,7 +136,11 @@ def _loss_from_stats(mean, var, running_means, running_vars, inv_c, idx, n_layer
 def bns_loss(tensors, running_means, running_vars):
     """(loss, per_layer): loss = (1/L) sum_l [MSE(mean_l, rm_l) + MSE(var_l, rv_l)] (a scalar,
     differentiable w.r.t. the inputs; the running statistics are constants), per_layer [L]
-    detached, for logging. The number of launches does not grow with L."""
+    detached, for logging. The number of launches does not grow with L.
+
+    tensors: the L BN-layer inputs [N, C_l, ...] (as `bn_stats`).
+    running_means, running_vars: per layer the BN's running statistics [C_l] (treated as constants).
+    """
     xs = _check_tensors(tensors)
     channels = [x.shape[1] for x in xs]
     _check_per_channel(running_means, "running_means", channels, xs[0].device)
@@ -152,7 +160,12 @@ def _shift_vec(shifts, channels, device, dtype):
 
 def bn_stats_flat(tensors, shifts=None) -> torch.Tensor:
     """One float32 buffer [3 * sum C] of additive per-channel (count, s1, s2) over all layers
-    (format in the module doc); differentiable w.r.t. the inputs."""
+    (format in the module doc); differentiable w.r.t. the inputs.
+
+    tensors: the BN-layer inputs [N, C_l, ...] (as `bn_stats`).
+    shifts: None, or per layer a [C_l] tensor subtracted before summing (numerically safer sums of
+        squares; the same shifts must be passed to `bn_stats_from_flat` / `bns_loss_from_flat`).
+    """
     xs = _check_tensors(tensors)
     channels = [x.shape[1] for x in xs]
     if shifts is not None:  # validate before any launch
@@ -185,14 +198,22 @@ def _unflat(flat, channels, shifts):
 
 def bn_stats_from_flat(flat, channels, shifts=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer (mean, var) from a (possibly merged/all-reduced) flat buffer; `shifts` must be
-    the ones the buffer was made with."""
+    the ones the buffer was made with.
+
+    flat: a [3 * sum C_l] buffer from `bn_stats_flat` (or merged / all-reduced ones).
+    channels: the channel count C_l of each layer, in order.
+    shifts: as given to `bn_stats_flat` (None: none).
+    """
     mean, var, channels = _unflat(flat, channels, shifts)
     return list(zip(_split(mean, channels), _split(var, channels)))
 
 
 def merge_bn_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Merge two flat buffers (same layers, same shifts): the statistics of the union of both
-    batches. Equivalent to what all_reduce(SUM) does across processes."""
+    batches. Equivalent to what all_reduce(SUM) does across processes.
+
+    a, b: [3 * sum C_l] flat buffers of the same layers (same dtype, device and shifts).
+    """
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
@@ -208,7 +229,11 @@ def merge_bn_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def bns_loss_from_flat(flat, channels, running_means, running_vars, shifts=None):
     """(loss, per_layer) as `bns_loss`, from a flat buffer (e.g. `all_reduce_flat` of
-    `bn_stats_flat`); differentiable w.r.t. whatever the buffer depends on."""
+    `bn_stats_flat`); differentiable w.r.t. whatever the buffer depends on.
+
+    flat: a [3 * sum C_l] buffer; channels: C_l per layer; running_means, running_vars: [C_l] per
+    layer; shifts: as given to `bn_stats_flat`.
+    """
     mean, var, channels = _unflat(flat, channels, shifts)
     _check_per_channel(running_means, "running_means", channels, flat.device)
     _check_per_channel(running_vars, "running_vars", channels, flat.device)
@@ -219,7 +244,11 @@ def bns_loss_from_flat(flat, channels, running_means, running_vars, shifts=None)
 def all_reduce_flat(flat: torch.Tensor, group=None) -> torch.Tensor:
     """Sum `flat` over the processes of `group` with ONE all_reduce; the result's value is the
     global sum, its gradient flows to the local `flat` as is (see the module doc). Without an
-    initialised process group it returns `flat` unchanged."""
+    initialised process group it returns `flat` unchanged.
+
+    flat: a [3 * sum C_l] buffer from `bn_stats_flat`; group: a torch.distributed process group
+    (None: the default group).
+    """
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
         return flat

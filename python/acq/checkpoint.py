@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pickle
 import random
 import re
 import sys
@@ -21,11 +22,18 @@ import torch
 from .errors import AcqError
 
 FORMAT = "acq-checkpoint-v1"
+_LEGACY_NUMPY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                         getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
 _NAME = re.compile(r"ckpt-epoch(\d+)\.pt$")
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain Python values (loadable with weights_only=True)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+             "python": list(random.getstate())}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -33,8 +41,14 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    npy = state["numpy"]
+    if isinstance(npy, dict):
+        np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                             npy["cached_gaussian"]))
+    else:  # written before checkpoints became weights_only-loadable
+        np.random.set_state(npy)
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -108,8 +122,14 @@ def save_checkpoint(directory: str, epoch: int, state: dict, keep: int = 3) -> s
 
 
 def _read(path: str) -> dict:
+    # weights_only: a checkpoint holds tensors and plain Python values only, so loading one never runs
+    # pickled code; the numpy globals admit the RNG state of checkpoints written before that was so
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_LEGACY_NUMPY_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise AcqError(f"{path} is not an acq checkpoint (it holds Python objects that are not loaded: "
+                       f"{str(exc).splitlines()[-1][:160]})") from None
     except Exception as exc:
         raise AcqError(f"checkpoint {path} is unreadable (truncated or corrupt: {type(exc).__name__})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
@@ -137,7 +157,18 @@ def load_checkpoint(path: str) -> tuple[dict, str]:
 
 
 def check_config_matches(saved: dict, current: dict, path: str) -> None:
+    # the teacher is identified by the hash of its weights (check_teacher), not by how its path was typed
+    saved = {k: v for k, v in saved.items() if k != "teacher_weights"}
+    current = {k: v for k, v in current.items() if k != "teacher_weights"}
     diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if diff:
         detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in diff[:6])
         raise AcqError(f"checkpoint {path} is from another configuration ({detail})")
+
+
+def check_teacher(state: dict, teacher_sha256: str, teacher_name: str, path: str) -> None:
+    """A resumed run must distil from the very teacher it started with (same weights, wherever the file is)."""
+    saved = state.get("teacher_sha256")
+    if saved is not None and saved != teacher_sha256:
+        raise AcqError(f"teacher {teacher_name} has changed since checkpoint {path} was written "
+                       f"(weights hash {teacher_sha256[:12]} vs {saved[:12]} in the checkpoint)")

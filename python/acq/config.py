@@ -6,10 +6,10 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from .data import DATASETS, NUM_CLASSES
+from .data import CHANNELS, DATASETS, NUM_CLASSES
 from .errors import AcqError
 from .generator import GENERATORS
-from .models import check_model_name, default_input_shape
+from .models import INPUT_SHAPE, check_model_name, default_input_shape
 from .quant import STE_MODES, WEIGHT_RANGES, check_bits
 
 KD_REDUCTIONS = ("batchmean", "mean")
@@ -108,8 +108,17 @@ class Config:
         return dataclasses.asdict(self)
 
     def identity(self) -> dict:
-        """What a checkpoint must agree on to be resumed by this configuration."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE_CHANGES}
+        """What a checkpoint must agree on to be resumed by this configuration (the teacher is checked by
+        the hash of its weights instead of its path)."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE_CHANGES + ("teacher_weights",)}
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but do not do what a user probably expects."""
+        out = []
+        if self.epochs <= self.warmup_epochs:
+            out.append(f"epochs ({self.epochs}) <= warmup_epochs ({self.warmup_epochs}): only the generator warms "
+                       "up, the quantized student is never trained (its accuracy is that of the untrained copy)")
+        return out
 
     def validate(self) -> "Config":
         check_model_name(self.model)
@@ -175,6 +184,12 @@ class Config:
             import torch
             if not torch.cuda.is_available():
                 raise AcqError(f"device {self.device!r} requested but CUDA is not available")
+        if self.backend != "auto":
+            import torch
+            from acq_kernels._backend import backend_usable, usable_backends
+            if not backend_usable(self.backend, torch.device(self.device)):
+                raise AcqError(f"backend {self.backend!r} cannot run on device {self.device!r} here "
+                               f"(usable: auto, {', '.join(usable_backends(torch.device(self.device)))})")
         if self.cuda_graphs and not self.device.startswith("cuda"):
             raise AcqError(f"cuda_graphs needs a CUDA device, got device={self.device!r}")
         if self.cuda_graphs and self.skip_nonfinite:
@@ -184,6 +199,13 @@ class Config:
             raise AcqError(f"teacher weights file not found: {self.teacher_weights}")
         if self.data_dir is not None and not os.path.isdir(self.data_dir):
             raise AcqError(f"data dir not found: {self.data_dir}")
+        # the model must fit the data it is evaluated on (checked last: the settings themselves come first)
+        if self.num_classes is not None and self.num_classes != NUM_CLASSES[self.dataset]:
+            raise AcqError(f"num_classes is {self.num_classes} but dataset {self.dataset!r} has "
+                           f"{NUM_CLASSES[self.dataset]} classes")
+        if self.model in INPUT_SHAPE and INPUT_SHAPE[self.model][0] != CHANNELS[self.dataset]:
+            raise AcqError(f"model {self.model!r} takes {INPUT_SHAPE[self.model][0]}-channel images but dataset "
+                           f"{self.dataset!r} has {CHANNELS[self.dataset]} channels (pass a matching --dataset)")
         return self
 
 

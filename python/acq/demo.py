@@ -14,6 +14,7 @@ import torch
 
 from .config import make_config, demo_defaults
 from .data import TensorData, evaluate, load_digits_split
+from .errors import AcqError
 from .quant import calibrate_on_noise, quantize_model
 from .teacher import digits_teacher
 from .trainer import Trainer, seed_everything
@@ -26,21 +27,45 @@ def default_cache_dir() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "acq")
 
 
+def _onnx_accuracy(student, out_dir: str, test) -> float:
+    """Export `student` to out_dir and evaluate its model.onnx with onnxruntime on `test`."""
+    from .export import export_student, onnx_run, onnx_session
+    export_student(student, out_dir, (1, 16, 16), {"model": "digits_net", "dataset": "digits"})
+    session = onnx_session(os.path.join(out_dir, "model.onnx"))
+    correct = sum(int((onnx_run(session, x).argmax(1) == y).sum()) for x, y in test)
+    return 100.0 * correct / len(test)
+
+
 def run_demo(work_dir: str, bits=DEFAULT_BITS, seed: int = 0, backend: str = "auto", cache_dir: str | None = None,
-             progress: bool = True, **overrides) -> dict:
-    from tqdm import tqdm
+             progress: bool = True, export: bool = True, **overrides) -> dict:
+    """FP vs naive vs GDFQ vs ACQ on digits for each (w_bits, a_bits) in `bits`; returns the results
+    (also written to work_dir/results.json) with a printable "table". export: also export each ACQ
+    student (work_dir/wXaY_acq/export) and evaluate its ONNX file with onnxruntime (skipped, with a
+    note, when the [export] extra is missing)."""
+    from .console import say, warn
 
     t_start = time.perf_counter()
     base = demo_defaults(seed=seed, backend=backend, progress=progress, **overrides)
     for w, a in bits:  # validate everything before writing anything
-        make_config(**{**base, "w_bits": w, "a_bits": a})
+        cfg = make_config(**{**base, "w_bits": w, "a_bits": a})
+    if cfg.epochs <= cfg.warmup_epochs:
+        raise AcqError(f"--epochs {cfg.epochs} <= warm-up epochs ({cfg.warmup_epochs}): the GDFQ and ACQ students "
+                       "would never be trained and the table would compare untrained copies")
+    from .paths import check_output_dir
+    check_output_dir(work_dir, "--work-dir")
+    if export:
+        from .export import require_export_deps
+        try:
+            require_export_deps()
+        except AcqError as exc:
+            warn(f"{exc}: the ACQ students are not exported")
+            export = False
     import acq_kernels
     acq_kernels.set_backend(backend)
     _, _, xte, yte = load_digits_split(seed)
     test = TensorData(xte, yte, 512)
     cache = os.path.join(cache_dir or default_cache_dir(), f"digits_teacher_seed{seed}.pt")
     teacher, fp_acc, trained = digits_teacher(cache, seed, progress=progress)
-    say = tqdm.write  # stage results always; progress=False only hides the bars
     say(f"FP teacher: {fp_acc:.2f}% on {len(yte)} held-out digits ({'trained' if trained else 'cached'}: {cache})")
     os.makedirs(work_dir, exist_ok=True)
     rows = []
@@ -71,6 +96,10 @@ def run_demo(work_dir: str, bits=DEFAULT_BITS, seed: int = 0, backend: str = "au
                             seed=seed, title=f"ACQ generator (W{w}A{a} run): samples, teacher attention "
                                              "(layer2), center + and target c x")
                 row["samples_png"] = png
+                if export:
+                    row["acq_onnx"] = _onnx_accuracy(trainer.student, os.path.join(out, "export"), test)
+                    say(f"W{w}A{a} ACQ exported to {os.path.join(out, 'export')}: onnxruntime "
+                        f"{row['acq_onnx']:.2f}% on the same {len(yte)} digits")
             trainer.close()
         rows.append(row)
     results = {"fp_acc": fp_acc, "rows": rows, "seconds_total": round(time.perf_counter() - t_start, 1),
@@ -85,8 +114,11 @@ def run_demo(work_dir: str, bits=DEFAULT_BITS, seed: int = 0, backend: str = "au
 
 
 def format_table(results: dict) -> str:
-    lines = ["| bits | FP | naive min-max (noise) | GDFQ | ACQ |", "|---|---|---|---|---|"]
+    onnx = any("acq_onnx" in r for r in results["rows"])
+    lines = ["| bits | FP | naive min-max (noise) | GDFQ | ACQ |" + (" ACQ (ONNX, onnxruntime) |" if onnx else ""),
+             "|---|---|---|---|---|" + ("---|" if onnx else "")]
     for r in results["rows"]:
-        lines.append(f"| {r['bits']} | {r['fp']:.2f} | {r['naive']:.2f} | {r['gdfq']:.2f} | {r['acq']:.2f} |")
+        lines.append(f"| {r['bits']} | {r['fp']:.2f} | {r['naive']:.2f} | {r['gdfq']:.2f} | {r['acq']:.2f} |"
+                     + (f" {r['acq_onnx']:.2f} |" if "acq_onnx" in r else (" - |" if onnx else "")))
     lines.append(f"(top-1 % on {results['test_size']} held-out digits; final epoch; {results['seconds_total']}s)")
     return "\n".join(lines)

@@ -115,7 +115,17 @@ GENERATORS = ("auto", "cifar", "imagenet")
 
 def build_generator(num_classes: int, img_size: int, channels: int, latent_dim: int = 100, width: int = 128,
                     use_center: bool = True, kind: str = "auto") -> nn.Module:
-    """kind "auto": GDFQ's ImageNet generator from 128 px up, its CIFAR generator below."""
+    """The conditional image generator G(z, y, c) -> images [N, channels, img_size, img_size] in [-1, 1].
+
+    num_classes: labels y are int64 [N] in [0, num_classes).
+    img_size: output height = width.
+    channels: output image channels (the teacher's input channels).
+    latent_dim: size of the noise z [N, latent_dim].
+    width: base channel width of the generator's convolutions.
+    use_center: condition on attention centers c [N, 2] in [-1, 1]^2 (ACQ); False: z and y only (GDFQ).
+    kind: "cifar" (GDFQ's CIFAR generator), "imagenet" (GDFQ's ImageNet generator, class-conditional
+        BatchNorm) or "auto": the ImageNet one from 128 px up, the CIFAR one below.
+    """
     if kind not in GENERATORS:
         raise ValueError(f"generator must be one of {GENERATORS}, got {kind!r}")
     if kind == "auto":

@@ -123,7 +123,13 @@ def default_input_shape(model: str, dataset: str) -> tuple[int, int]:
 
 
 def build_model(name: str, num_classes: int) -> nn.Module:
-    """A model with random weights (never downloaded: weights come from the user's file)."""
+    """A classifier with random weights (never downloaded: weights come from the user's file):
+    images [N, C, H, W] -> logits [N, num_classes].
+
+    name: a built-in (digits_net, resnet20, resnet18, resnet50), a torchvision classification model
+        name, or pytorchcv:NAME; default_input_shape(name, dataset) gives its (C, H).
+    num_classes: output classes.
+    """
     check_model_name(name)
     if name == "digits_net":
         return digits_net(num_classes)

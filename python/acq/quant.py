@@ -292,7 +292,14 @@ def quantize_model(teacher: nn.Module, w_bits: int, a_bits: int, first_last_bits
     """A quantized, traced deep copy of `teacher` in eval mode (BN stays a fixed affine; gamma/beta
     trainable). `summary(student)` lists what was quantized.
 
+    teacher: the float model (not modified); the student takes the same inputs ([N, C, H, W]) and
+        returns the same outputs ([N, classes]).
+    w_bits: weight bits, per output channel, min/max recomputed each forward.
+    a_bits: activation bits at every activation call site, per tensor, asymmetric, EMA range.
     first_last_bits: weight bits of the first and last weight layer in execution order (None: w_bits).
+    ste: straight-through estimator of the rounding: "pure" (identity) or "clipped" (zero outside the range).
+    momentum: EMA momentum of the activation ranges (averaging constant 1 - momentum).
+    weight_range: "zero" (torch.ao: the range includes 0) or "raw" (GDFQ: the raw per-channel [min, max]).
     leaf_modules: module types torch.fx must not trace into (they may hold no weights/activations).
     """
     check_bits("w_bits", w_bits)

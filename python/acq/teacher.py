@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import atomic_save
+from .console import bars_enabled
 from .data import evaluate, load_digits_split, tensor_batches
 from .models import build_model
 
@@ -20,7 +21,7 @@ def train_teacher(model, train_data, epochs: int, lr: float = 0.1, weight_decay:
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     steps = epochs * (per_epoch_batches or len(list(iter(train_data))))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for epoch in tqdm(range(epochs), desc="teacher", disable=not progress, leave=False):
+    for epoch in tqdm(range(epochs), desc="teacher", disable=not bars_enabled(progress), leave=False):
         for x, y in train_data() if callable(train_data) else train_data:
             loss = F.cross_entropy(model(x.to(device)), y.to(device))
             opt.zero_grad(set_to_none=True)

@@ -17,7 +17,9 @@ from . import graph
 from . import ops
 from .config import Config
 from .data import evaluate
+from .console import bars_enabled, say
 from .errors import AcqError
+from .export import state_sha256
 from .generator import build_generator
 from .losses import (FeatureTap, acm_loss, attention_of, batch_stat_bn, kd_loss, pair_loss,
                      stacked_sq_distance)
@@ -40,6 +42,21 @@ def freeze_teacher(teacher: nn.Module) -> nn.Module:
 
 
 class Trainer:
+    """The ACQ / GDFQ data-free quantization loop for one configuration.
+
+    cfg: the validated run configuration (acq.make_config): bits, schedule, loss weights, device.
+    teacher: the full-precision classifier (nn.Module taking [N, C, H, W] float images of the geometry
+        of cfg.model and returning [N, classes] logits); frozen in place (eval mode, no gradients).
+        The student is a fake-quantized deep copy (acq.quantize_model); a generator of [N, C, H, W]
+        images is trained against the teacher.
+    eval_data: optional iterable of (images [N, C, H, W], labels [N] int64) batches; evaluated at the
+        end of every epoch (the "acc" of the epoch record).
+    out_dir: where metrics.jsonl and checkpoints/ go (created at the first write); None: nothing is written.
+
+    fit() runs the remaining epochs and returns {"final_acc", "best", "epochs", "iterations"};
+    resume(path) continues from a checkpoint of the same configuration and teacher.
+    """
+
     def __init__(self, cfg: Config, teacher: nn.Module, eval_data=None, out_dir: str | None = None):
         self.cfg = cfg
         self.device = torch.device(cfg.device)
@@ -51,6 +68,7 @@ class Trainer:
             raise AcqError(f"the teacher ({type(teacher).__name__}) has no BatchNorm layer for L_BNS; "
                            "set beta_bns to 0")
         self.teacher = freeze_teacher(teacher).to(self.device, memory_format=self.mf)
+        self.teacher_sha256 = state_sha256(self.teacher)  # checked on resume: the same teacher, wherever its file
         self.student = quantize_model(self.teacher, cfg.w_bits, cfg.a_bits, cfg.first_last_bits, cfg.ste,
                                       cfg.act_momentum, cfg.weight_range).to(self.device, memory_format=self.mf)
         channels, size = cfg.input_shape
@@ -264,6 +282,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def _log(self, record: dict) -> None:
         if self.metrics_path:
+            os.makedirs(self.out_dir, exist_ok=True)
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
@@ -271,7 +290,7 @@ class Trainer:
         from tqdm import tqdm
 
         cfg = self.cfg
-        show = cfg.progress if progress is None else progress
+        show = bars_enabled(cfg.progress if progress is None else progress)
         bar = tqdm(range(cfg.iters_per_epoch), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not show,
                    leave=False, dynamic_ncols=True)
         sums: dict[str, torch.Tensor] = {}
@@ -309,16 +328,17 @@ class Trainer:
             self.save()
         return summary
 
-    def fit(self) -> dict:
-        from tqdm import tqdm
-
+    def fit(self, epoch_lines: bool = True) -> dict:
+        """Run the remaining epochs; one summary line per epoch on stdout unless epoch_lines=False
+        (cfg.progress only switches the progress bars)."""
         while self.epoch < self.cfg.epochs:
             s = self.run_epoch()
-            if self.cfg.progress:
+            if epoch_lines and getattr(self, "rank", 0) == 0:  # under torchrun: rank 0 alone
                 acc = f", acc {s['acc']:.2f}%" if "acc" in s else ""
-                tqdm.write(f"epoch {s['epoch'] + 1}/{self.cfg.epochs}: g_total {s['g_total']:.4f}"
-                           + (f", q_total {s['q_total']:.4f}" if "q_total" in s else "") + acc
-                           + f" ({s['seconds']:.1f}s)")
+                phase = " (warm-up: student not trained)" if s["epoch"] < self.cfg.warmup_epochs else ""
+                say(f"epoch {s['epoch'] + 1}/{self.cfg.epochs}: g_total {s['g_total']:.4f}"
+                    + (f", q_total {s['q_total']:.4f}" if "q_total" in s else "") + acc
+                    + f" ({s['seconds']:.1f}s){phase}")
         result = {"final_acc": self.history[-1].get("acc") if self.history else None, "best": self.best,
                   "epochs": self.cfg.epochs, "iterations": self.iteration}
         return result
@@ -388,7 +408,7 @@ class Trainer:
                 "opt_q": self.opt_q.state_dict(), "sched_q": self.sched_q.state_dict(),
                 "sched_g": self.sched_g.state_dict(),
                 "history": self.history, "best": self.best, "rng": ckpt.rng_state(),
-                "skipped_steps": self.skipped_steps}
+                "skipped_steps": self.skipped_steps, "teacher_sha256": self.teacher_sha256}
 
     def save(self) -> str:
         self.last_checkpoint = ckpt.save_checkpoint(os.path.join(self.out_dir, "checkpoints"), self.epoch,
@@ -398,6 +418,7 @@ class Trainer:
     def resume(self, path: str) -> str:
         state, file = ckpt.load_checkpoint(path)
         ckpt.check_config_matches(state["identity"], self.cfg.identity(), file)
+        ckpt.check_teacher(state, self.teacher_sha256, self.cfg.teacher_weights or f"({self.cfg.model})", file)
         self.generator.load_state_dict(state["generator"])
         self.student.load_state_dict(state["student"])
         self.opt_g.load_state_dict(state["opt_g"])
