@@ -12,12 +12,10 @@ from typing import NamedTuple
 
 import torch
 
-# The base classes and observers (one place, so that an alternative source can be swapped in).
-from torch.ao.quantization.fake_quantize import FakeQuantize
-from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
-from torch.ao.quantization.observer import (MinMaxObserver, MovingAverageMinMaxObserver,
-                                            MovingAveragePerChannelMinMaxObserver,
-                                            PerChannelMinMaxObserver)
+# The base classes and observers: torch.ao's, or torchao's where torch.ao.quantization is gone.
+from ._ao_compat import (FakeQuantize, MinMaxObserver, MovingAverageMinMaxObserver,
+                         MovingAveragePerChannelMinMaxObserver, PerChannelMinMaxObserver,
+                         TorchaoCompatible, _LearnableFakeQuantize)
 
 import acq_kernels as _ak  # partially initialised at import time; ops are looked up per call
 from .. import _validation as V
@@ -160,7 +158,7 @@ def _fused_symmetric_zero_point(quant_min: int, quant_max: int) -> int:
     return 0 if quant_min < 0 else (quant_min + quant_max) // 2
 
 
-class FakeQuant(FakeQuantize):
+class FakeQuant(TorchaoCompatible, FakeQuantize):
     r"""torch.ao.quantization.FakeQuantize on acq_kernels' fused kernels.
 
     Takes FakeQuantize's arguments (observer, quant_min, quant_max, is_dynamic, observer
@@ -369,7 +367,7 @@ class FakeQuant(FakeQuantize):
                 f"backend={_ak.get_backend()!r}")
 
 
-class LearnableFakeQuant(_LearnableFakeQuantize):
+class LearnableFakeQuant(TorchaoCompatible, _LearnableFakeQuantize):
     r"""LSQ fake quantization (learnable scale and zero point) on acq_kernels' kernels.
 
     Mirrors torch.ao.quantization._learnable_fake_quantize._LearnableFakeQuantize: the same
