@@ -137,3 +137,10 @@ def test_torch_ao_qconfig_still_takes_with_args():
     assert isinstance(act, ak.FakeQuant) and (act.quant_min, act.quant_max) == (0, 15)
     assert w.qscheme == torch.per_tensor_symmetric and w.quant_min == -8
     assert isinstance(act, P.FakeQuantizeBase)  # registered with torchao once it is loaded
+
+
+def test_with_acq_fake_quant_bad_input():
+    with pytest.raises(TypeError, match="config"):
+        with_acq_fake_quant({"weight": None})
+    with pytest.raises(TypeError, match="fake_quant"):
+        with_acq_fake_quant(get_symmetric_quantization_config(is_qat=True), fake_quant=3)
