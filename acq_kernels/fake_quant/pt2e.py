@@ -35,13 +35,14 @@ def _swap(spec, fake_quant):
 def with_acq_fake_quant(config, fake_quant=FakeQuant):
     """A torchao QuantizationConfig whose fake quantizers (torchao's FakeQuantize and
     FusedMovingAvgObsFakeQuantize) are `fake_quant` with the same observers and arguments."""
-    from torchao.quantization.pt2e.quantizer import QuantizationConfig
-    if not isinstance(config, QuantizationConfig):
-        raise TypeError(f"with_acq_fake_quant: config must be a torchao QuantizationConfig, "
-                        f"got {type(config).__name__}")
+    # Quantizers define their own QuantizationConfig dataclasses (XNNPACK's, X86's): duck-typed.
+    fields = ("input_activation", "output_activation", "weight", "bias")
+    if not (dataclasses.is_dataclass(config) and not isinstance(config, type)
+            and all(hasattr(config, f) for f in fields)):
+        raise TypeError(f"with_acq_fake_quant: config must be a torchao QuantizationConfig "
+                        f"(a dataclass with fields {fields}), got {type(config).__name__}")
     if not callable(getattr(fake_quant, "with_args", None)):
         raise TypeError(f"with_acq_fake_quant: fake_quant must be a fake-quant class with "
                         f"with_args (e.g. acq_kernels.FakeQuant), got {fake_quant!r}")
-    fields = ("input_activation", "output_activation", "weight", "bias")
     return dataclasses.replace(config, **{f: _swap(getattr(config, f), fake_quant)
                                           for f in fields})
