@@ -185,8 +185,6 @@ def test_module_torchscript_narrow_activation_and_weight():
     np.testing.assert_allclose(y, ref, atol=float(m.act.scale) * 2, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="torch.export of a FakeQuant module stops at its "
-                   "enabled-flag reads until issue 11 item 2 lands; remove this marker then")
 def test_module_dynamo():
     m = _calibrated(ak.FakeQuant, act_range=(0, 15))
     x = torch.randn(2, 3, 8, 8) * 2
