@@ -32,7 +32,10 @@ def _register_traceable_observer_hooks() -> None:
     torch.compile / torch._dynamo trace such a model whole; eager behaviour is unchanged."""
     import importlib
 
-    quantize = importlib.import_module("torch.ao.quantization.quantize")
+    try:
+        quantize = importlib.import_module("torch.ao.quantization.quantize")
+    except ImportError:  # torch without torch.ao.quantization: no eager prepare_qat hooks
+        return
     substitute = getattr(getattr(torch, "compiler", None), "substitute_in_graph", None)
     pairs = (("_observer_forward_hook", lambda self, input, output:
               self.activation_post_process(output)),
