@@ -114,3 +114,26 @@ def test_acq_step_ladder_and_compiled_contender(tmp_path):
     assert ladder.count("\n") == 2 and "+frozen_teacher" in ladder
     (tmp_path / "r.json").write_text(__import__("json").dumps(result))
     assert "one change at a time" in readme.section(str(tmp_path), str(tmp_path))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+def test_qat_step_benchmark(tmp_path):
+    """bench.qat_step at a tiny size (eager): every variant times real steps, the targets and
+    the README section come out of the measured rows."""
+    from bench import qat_step
+    rows = qat_step.measure("resnet20", 2, 16, CPU, compiled=False, rounds=2, warmup=1,
+                            log=lambda *_: None)
+    assert [r["variant"] for r in rows] == list(qat_step.VARIANTS)
+    assert all(r["median_ms"] > 0 and len(r["times_ms"]) == 2 for r in rows), rows
+    assert rows[0]["overhead"] == 0
+    result = {"schema": qat_step.SCHEMA, "machine": {"cpu": "test cpu", "cores": 2, "torch": "x"},
+              "device": "cpu", "size": "tiny", "date": "2000-01-01T00:00:00+00:00",
+              "git_commit": None, "rounds": 2, "load_average_before": [1.0],
+              "load_average_after": [1.0], "results": rows, "targets": qat_step.targets(rows)}
+    (t,) = result["targets"]
+    assert t["model"] == "resnet20" and "meets_15pct_of_float" in t
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{qat_step.START}\nold\n{qat_step.END}\noutro\n")
+    qat_step.update_readme(str(readme), qat_step.readme_section(result, "x.json"))
+    text = readme.read_text()
+    assert "old" not in text and "| resnet20 B=2 16px | eager |" in text and text.endswith("outro\n")

@@ -12,12 +12,10 @@ from typing import NamedTuple
 
 import torch
 
-# The base classes and observers (one place, so that an alternative source can be swapped in).
-from torch.ao.quantization.fake_quantize import FakeQuantize
-from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
-from torch.ao.quantization.observer import (MinMaxObserver, MovingAverageMinMaxObserver,
-                                            MovingAveragePerChannelMinMaxObserver,
-                                            PerChannelMinMaxObserver)
+# The base classes and observers: torch.ao's, or torchao's where torch.ao.quantization is gone.
+from ._ao_compat import (FakeQuantize, MinMaxObserver, MovingAverageMinMaxObserver,
+                         MovingAveragePerChannelMinMaxObserver, PerChannelMinMaxObserver,
+                         TorchaoCompatible, _LearnableFakeQuantize)
 
 import acq_kernels as _ak  # partially initialised at import time; ops are looked up per call
 from .. import _validation as V
@@ -34,7 +32,10 @@ def _register_traceable_observer_hooks() -> None:
     torch.compile / torch._dynamo trace such a model whole; eager behaviour is unchanged."""
     import importlib
 
-    quantize = importlib.import_module("torch.ao.quantization.quantize")
+    try:
+        quantize = importlib.import_module("torch.ao.quantization.quantize")
+    except ImportError:  # torch without torch.ao.quantization: no eager prepare_qat hooks
+        return
     substitute = getattr(getattr(torch, "compiler", None), "substitute_in_graph", None)
     pairs = (("_observer_forward_hook", lambda self, input, output:
               self.activation_post_process(output)),
@@ -160,7 +161,7 @@ def _fused_symmetric_zero_point(quant_min: int, quant_max: int) -> int:
     return 0 if quant_min < 0 else (quant_min + quant_max) // 2
 
 
-class FakeQuant(FakeQuantize):
+class FakeQuant(TorchaoCompatible, FakeQuantize):
     r"""torch.ao.quantization.FakeQuantize on acq_kernels' fused kernels.
 
     Takes FakeQuantize's arguments (observer, quant_min, quant_max, is_dynamic, observer
@@ -369,7 +370,7 @@ class FakeQuant(FakeQuantize):
                 f"backend={_ak.get_backend()!r}")
 
 
-class LearnableFakeQuant(_LearnableFakeQuantize):
+class LearnableFakeQuant(TorchaoCompatible, _LearnableFakeQuantize):
     r"""LSQ fake quantization (learnable scale and zero point) on acq_kernels' kernels.
 
     Mirrors torch.ao.quantization._learnable_fake_quantize._LearnableFakeQuantize: the same
