@@ -56,12 +56,12 @@ LADDER_NAMES = tuple(name for name, _ in LADDER)
 
 def _acq():
     try:
-        import acq.config
-        import acq.models
-        import acq.trainer
+        import acqtrain.config
+        import acqtrain.models
+        import acqtrain.trainer
     except ImportError as exc:
-        raise Unavailable(f"the acq package is not importable ({exc})") from None
-    return acq
+        raise Unavailable(f"the acqtrain package is not importable ({exc})") from None
+    return acqtrain
 
 
 class Trainers:
@@ -77,10 +77,10 @@ class Trainers:
         if key not in self._built:
             acq = _acq()
             graphs = loop.cuda_graphs and self.settings["device"].startswith("cuda")
-            cfg = acq.config.make_config(**self.settings, channels_last=loop.channels_last,
+            cfg = acqtrain.config.make_config(**self.settings, channels_last=loop.channels_last,
                                          precision=loop.precision, cuda_graphs=graphs)
             torch.manual_seed(cfg.seed)
-            tr = acq.trainer.Trainer(cfg, acq.models.build_model(cfg.model, cfg.classes))
+            tr = acqtrain.trainer.Trainer(cfg, acqtrain.models.build_model(cfg.model, cfg.classes))
             if loop.teacher_grads:
                 tr.teacher.requires_grad_(True)
             tr.epoch = 0
@@ -91,7 +91,7 @@ class Trainers:
                     m.compile()
             # untimed main-phase steps: compile every variant (eval / batch-stat teacher, backward
             # graphs), or run the CUDA graph's eager warm-up and capture
-            warm = 3 if compiled else acq.trainer.GRAPH_WARMUP_STEPS + 1 if graphs else 0
+            warm = 3 if compiled else acqtrain.trainer.GRAPH_WARMUP_STEPS + 1 if graphs else 0
             for _ in range(warm):
                 tr.step()
             self._built[key] = tr
@@ -112,14 +112,14 @@ def _make(model: str, dataset: str, full_batch: int, quick_batch: int, demo: boo
             raise Unavailable("the step's dtypes are set by its loop (fp32 weights, bf16 autocast)")
         if cuda_only and cfg.device.type != "cuda":
             raise Unavailable(f"{model} at {image_size}px is a GPU case (its CPU case runs at 32px)")
-        settings = acq.config.demo_defaults() if demo else dict(model=model, dataset=dataset)
+        settings = acqtrain.config.demo_defaults() if demo else dict(model=model, dataset=dataset)
         if image_size is not None:
             settings.update(image_size=image_size, in_channels=3)
         settings.update(batch_size=cfg.batch(full_batch, quick_batch), device=str(cfg.device), progress=False,
                         w_bits=4, a_bits=4, epochs=10**6)
         try:
-            acfg = acq.config.make_config(**settings)
-            acq.models.build_model(acfg.model, acfg.classes)
+            acfg = acqtrain.config.make_config(**settings)
+            acqtrain.models.build_model(acfg.model, acfg.classes)
         except Exception as exc:  # e.g. torchvision missing for ResNet-18
             raise Unavailable(f"cannot build {model}: {exc}") from None
         return Workload(dict(trainers=Trainers(settings)), [], [], f"{acfg.model} {acfg.input_shape[1]}px "

@@ -7,7 +7,7 @@ and under torch.compile, all in one run; each one's overhead over the float step
 W4A4 as in issue 11: 4-bit per-tensor MovingAverageMinMaxObserver activations (quint8 0..15),
 4-bit per-channel symmetric MovingAveragePerChannelMinMaxObserver weights (qint8 -8..7).
 Models (random weights; speed does not depend on them): CIFAR ResNet-20 B=128 at 32x32
-(acq.models.resnet20), torchvision ResNet-18 and MobileNetV2 B=16 at 112x112 (weights=None).
+(acqtrain.models.resnet20), torchvision ResNet-18 and MobileNetV2 B=16 at 112x112 (weights=None).
 --quick quarters the batches and compiles ResNet-20 only. Variants are timed interleaved (round
 r times every variant once), so machine load hits them alike; the figure is the median step.
 Writes bench/results/<machine>-<date>-qat-step[-quick].json and regenerates the README's
@@ -61,7 +61,7 @@ def qconfig(variant: str):
 def float_model(name: str) -> nn.Module:
     if name == "resnet20":
         sys.path.insert(0, os.path.join(ROOT, "python"))
-        from acq.models import resnet20
+        from acqtrain.models import resnet20
         return resnet20(10)
     import torchvision
     if name == "resnet18":

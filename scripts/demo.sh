@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh requirements.txt
-exec "${PYTHON:-python3}" -m acq demo "$@"
+exec "${PYTHON:-python3}" -m acqtrain demo "$@"

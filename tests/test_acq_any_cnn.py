@@ -10,15 +10,15 @@ from torch import fx, nn
 import torch.nn.functional as F
 
 import acq_kernels
-from acq import graph
-from acq.cli import main
-from acq.config import make_config
-from acq.errors import AcqError
-from acq.generator import GeneratorImageNet, build_generator
-from acq.models import build_model, digits_net, load_teacher_weights, resnet20
-from acq.quant import (ActQuant, QuantConv2d, WeightQuant, act_quantizers, quantize_model, set_observing,
+from acqtrain import graph
+from acqtrain.cli import main
+from acqtrain.config import make_config
+from acqtrain.errors import AcqError
+from acqtrain.generator import GeneratorImageNet, build_generator
+from acqtrain.models import build_model, digits_net, load_teacher_weights, resnet20
+from acqtrain.quant import (ActQuant, QuantConv2d, WeightQuant, act_quantizers, quantize_model, set_observing,
                        summary)
-from acq.trainer import Trainer
+from acqtrain.trainer import Trainer
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -220,7 +220,7 @@ class LegacyReLUQuant(nn.Sequential):
 
 def legacy_quantize(teacher, w_bits, a_bits):
     """The module-swapping quantizer the built-ins used before the fx one (the oracle)."""
-    from acq.quant import QuantLinear
+    from acqtrain.quant import QuantLinear
     student = copy.deepcopy(teacher)
 
     def convert(parent):

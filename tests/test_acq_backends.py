@@ -6,9 +6,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import acq_kernels
-from acq.config import make_config
-from acq.models import digits_net
-from acq.trainer import Trainer
+from acqtrain.config import make_config
+from acqtrain.models import digits_net
+from acqtrain.trainer import Trainer
 from conftest import cpu_backends
 
 
@@ -91,7 +91,7 @@ def test_bf16_autocast_loop_tracks_fp32_and_keeps_fp32_state():
 
 
 def test_loop_speed_switches_are_validated():
-    from acq.errors import AcqError
+    from acqtrain.errors import AcqError
     with pytest.raises(AcqError, match="precision"):
         make_config(precision="fp16")
     with pytest.raises(AcqError, match="cuda_graphs needs a CUDA device"):
@@ -132,7 +132,7 @@ def test_step_reads_nothing_back_to_the_host(monkeypatch):
     CPU-only value checks of acq_kernels' arguments are switched off, as they are for CUDA
     tensors."""
     from acq_kernels import _validation
-    from acq.config import demo_defaults
+    from acqtrain.config import demo_defaults
 
     monkeypatch.setattr(_validation, "_can_read_values", lambda t: False)
     cfg = make_config(**demo_defaults(batch_size=8, progress=False, gen_width=16, latent_dim=16, lambda_at=0.5))
@@ -149,7 +149,7 @@ def test_step_reads_nothing_back_to_the_host(monkeypatch):
 def test_multi_process_bn_loss_syncs_nothing(monkeypatch):
     """The multi-process BN loss (flat statistics -> all_reduce -> bns_loss_from_flat), forward and
     backward, makes no host sync once its per-shape vectors exist: it runs every step."""
-    from acq import distributed
+    from acqtrain import distributed
     from acq_kernels import _validation
 
     monkeypatch.setattr(_validation, "_can_read_values", lambda t: False)

@@ -5,11 +5,11 @@ import os
 import pytest
 import torch
 
-from acq import checkpoint as ckpt
-from acq.cli import main
-from acq.config import make_config
-from acq.models import digits_net
-from acq.trainer import Trainer
+from acqtrain import checkpoint as ckpt
+from acqtrain.cli import main
+from acqtrain.config import make_config
+from acqtrain.models import digits_net
+from acqtrain.trainer import Trainer
 
 TINY = ["--epochs", "3", "--iters", "2", "--batch-size", "8", "--warmup-epochs", "1", "--range-epochs", "2",
         "--log-every", "1", "--no-progress"]
@@ -96,7 +96,7 @@ def test_gdfq_switch_turns_acq_terms_off(tmp_path, teacher_file):
 
 
 def test_resume_gives_the_same_next_step_losses(tmp_path, teacher_file):
-    from acq.models import load_teacher_weights
+    from acqtrain.models import load_teacher_weights
 
     def teacher():
         m = digits_net()
@@ -190,7 +190,7 @@ def test_checkpoint_from_another_configuration_is_refused(tmp_path, teacher_file
 
 
 def test_example_configs_parse():
-    from acq.config import Config, read_config_file
+    from acqtrain.config import Config, read_config_file
     root = os.path.join(os.path.dirname(__file__), "..", "configs")
     files = sorted(f for f in os.listdir(root) if f.endswith((".toml", ".json")))
     assert len(files) >= 3

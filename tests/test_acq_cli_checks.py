@@ -10,8 +10,8 @@ import shutil
 import pytest
 import torch
 
-from acq.cli import _parser, main
-from acq.models import digits_net
+from acqtrain.cli import _parser, main
+from acqtrain.models import digits_net
 
 SMALL = {"gen_width": 16, "latent_dim": 16, "batch_size": 8, "iters_per_epoch": 2, "log_every": 1,
          "warmup_epochs": 1, "range_epochs": 1}
@@ -179,7 +179,7 @@ def test_teacher_override_and_changed_teacher(run, tmp_path):
 
 
 def test_trainer_creates_its_out_dir(tmp_path, teacher_file):
-    from acq import Trainer, make_config
+    from acqtrain import Trainer, make_config
     cfg = make_config(**{**SMALL, "epochs": 1, "progress": False})
     out = tmp_path / "a" / "b"
     t = Trainer(cfg, digits_net(), out_dir=str(out))
@@ -190,7 +190,7 @@ def test_trainer_creates_its_out_dir(tmp_path, teacher_file):
 
 def test_public_api_is_listed_and_documented():
     import inspect
-    import acq
+    import acqtrain as acq
     import acq_kernels
     assert "fake_quantize" in acq_kernels.__all__ and "spatial_attention" in acq_kernels.__all__
     public = {n for n, o in vars(acq_kernels).items() if not n.startswith("_") and not inspect.ismodule(o)}

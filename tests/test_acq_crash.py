@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from acq.cli import main
-from acq.models import digits_net
+from acqtrain.cli import main
+from acqtrain.models import digits_net
 
 ARGS = ["--iters", "2", "--batch-size", "8", "--warmup-epochs", "1", "--range-epochs", "2",
         "--log-every", "1", "--no-progress"]
@@ -73,13 +73,13 @@ def test_sigkill_while_writing_a_checkpoint_never_loads_the_partial_file(tmp_pat
     # fsynced but before the rename: the worst moment of a save.
     code = (
         "import os, signal, sys\n"
-        "import acq.checkpoint as ck\n"
+        "import acqtrain.checkpoint as ck\n"
         "real = os.replace\n"
         "def die(src, dst):\n"
         "    if os.path.basename(src).startswith('.tmp-'): os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return real(src, dst)\n"
         "ck.os.replace = die\n"
-        "from acq.cli import main\n"
+        "from acqtrain.cli import main\n"
         f"sys.exit(main({args[:-len(ARGS)] + ['--epochs', '3'] + ARGS + ['--resume']!r}))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))

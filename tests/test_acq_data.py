@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from acq.data import DIGITS_TEST, DIGITS_TRAIN, evaluate, load_digits_split, TensorData
-from acq.demo import format_table
-from acq import graph
-from acq.models import build_model, digits_net, resnet20, INPUT_SHAPE
-from acq.quant import WEIGHT_TYPES
+from acqtrain.data import DIGITS_TEST, DIGITS_TRAIN, evaluate, load_digits_split, TensorData
+from acqtrain.demo import format_table
+from acqtrain import graph
+from acqtrain.models import build_model, digits_net, resnet20, INPUT_SHAPE
+from acqtrain.quant import WEIGHT_TYPES
 
 
 def test_digits_split_shapes_range_and_determinism():
@@ -65,7 +65,7 @@ def test_table_formatting_uses_measured_values():
 
 def test_digits_teacher_depends_on_its_seed_only(tmp_path):
     """The cached teacher of a seed is the same whatever the caller did with the global RNG before."""
-    from acq.teacher import digits_teacher
+    from acqtrain.teacher import digits_teacher
     states = []
     for i, noise in enumerate((0, 7)):
         torch.manual_seed(1000 + noise)

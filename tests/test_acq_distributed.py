@@ -1,4 +1,4 @@
-"""Multi-process ACQ (python/acq/distributed.py): 2 gloo ranks on localhost == 1 process on the
+"""Multi-process ACQ (python/acqtrain/distributed.py): 2 gloo ranks on localhost == 1 process on the
 concatenated global batch; the global-BNS gradient; consistent non-finite handling; the stop message."""
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ import torch
 
 
 import acq_kernels
-from acq.config import make_config
-from acq.errors import AcqError
-from acq.models import INPUT_SHAPE, build_model
-from acq.data import evaluate
-from acq.quant import ActQuant, calibrate_on_noise
-from acq.trainer import Trainer
+from acqtrain.config import make_config
+from acqtrain.errors import AcqError
+from acqtrain.models import INPUT_SHAPE, build_model
+from acqtrain.data import evaluate
+from acqtrain.quant import ActQuant, calibrate_on_noise
+from acqtrain.trainer import Trainer
 
 WORLD = 2
 STEPS = 3
@@ -96,7 +96,7 @@ def _worker(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from acq import distributed as D
+    from acqtrain import distributed as D
 
     acq_kernels.set_backend("reference")
     assert D.init_from_env("cpu") == "cpu"
@@ -317,7 +317,7 @@ def test_nonfinite_loss_stops_with_step_and_last_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_cli_two_ranks(tmp_path):
-    """`torchrun --nproc_per_node=2 -m acq train` on gloo: one set of files (rank 0), per-rank seeds
+    """`torchrun --nproc_per_node=2 -m acqtrain train` on gloo: one set of files (rank 0), per-rank seeds
     recorded, a checkpoint that resumes, evaluation over the whole test set."""
     import subprocess
 

@@ -18,13 +18,13 @@ pytest.importorskip("safetensors")
 
 import onnx  # noqa: E402
 
-from acq import ops  # noqa: E402
-from acq.cli import main  # noqa: E402
-from acq.data import DIGITS_TEST, load_digits_split  # noqa: E402
-from acq.errors import AcqError  # noqa: E402
-from acq.export import export_student, onnx_run, onnx_session  # noqa: E402
-from acq.models import digits_net  # noqa: E402
-from acq.quant import ActQuant, WeightQuant, calibrate_on_noise, quantize_model, set_observing  # noqa: E402
+from acqtrain import ops  # noqa: E402
+from acqtrain.cli import main  # noqa: E402
+from acqtrain.data import DIGITS_TEST, load_digits_split  # noqa: E402
+from acqtrain.errors import AcqError  # noqa: E402
+from acqtrain.export import export_student, onnx_run, onnx_session  # noqa: E402
+from acqtrain.models import digits_net  # noqa: E402
+from acqtrain.quant import ActQuant, WeightQuant, calibrate_on_noise, quantize_model, set_observing  # noqa: E402
 
 SMALL = {"gen_width": 16, "latent_dim": 16}
 RUN = ["--epochs", "2", "--iters", "3", "--batch-size", "16", "--warmup-epochs", "1", "--range-epochs", "1",
@@ -62,8 +62,8 @@ def digits_run(tmp_path_factory):
 
 
 def _student_of(run):
-    from acq.checkpoint import load_checkpoint
-    from acq.models import load_teacher_weights
+    from acqtrain.checkpoint import load_checkpoint
+    from acqtrain.models import load_teacher_weights
     state, _ = load_checkpoint(str(run["work"]))
     t = digits_net()
     load_teacher_weights(t, str(run["teacher"]), 10)
@@ -184,7 +184,7 @@ def test_rebuilt_model_runs_with_torch_alone(digits_run, tmp_path):
 
 def test_safetensors_fallback_reader_matches_the_library(digits_run, monkeypatch):
     from safetensors.torch import load_file
-    from acq import deploy
+    from acqtrain import deploy
     path = str(digits_run["exp"] / "quantized.safetensors")
     want = load_file(path)
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # import fails -> the built-in reader
@@ -231,7 +231,7 @@ def test_graph_module_student_and_raw_zero_points(tmp_path):
     assert m["weight_layers"][0]["container"] == "int8" and m["weight_layers"][1]["container"] == "uint8"
     assert all(site["quant_max"] == 31 for site in m["activation_sites"])
     assert m["check"]["torch_max_abs_diff"] == 0.0
-    from acq import deploy
+    from acqtrain import deploy
     rebuilt = deploy.load(str(tmp_path / "e"))
     x = torch.randn(4, 1, 16, 16)
     with torch.no_grad():
@@ -290,7 +290,7 @@ def test_eval_onnx_bad_input(digits_run, tmp_path):
 
 
 def test_demo_exports_its_acq_students_and_reports_onnxruntime_accuracy(tmp_path):
-    from acq.demo import run_demo
+    from acqtrain.demo import run_demo
     cache = tmp_path / "cache"
     cache.mkdir()
     torch.manual_seed(0)

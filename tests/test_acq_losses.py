@@ -6,9 +6,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from acq import losses, ops
-from acq.models import digits_net
-from acq.trainer import freeze_teacher
+from acqtrain import losses, ops
+from acqtrain.models import digits_net
+from acqtrain.trainer import freeze_teacher
 
 
 @pytest.fixture(autouse=True)

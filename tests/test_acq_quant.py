@@ -4,10 +4,10 @@ import torch
 from torch import nn
 
 import acq_kernels
-from acq.errors import AcqError
-from acq.generator import build_generator, Generator, GeneratorImageNet
-from acq.models import digits_net, resnet20
-from acq.quant import (ActQuant, QuantConv2d, QuantLinear, act_quantizers, calibrate_on_noise, quantize_model,
+from acqtrain.errors import AcqError
+from acqtrain.generator import build_generator, Generator, GeneratorImageNet
+from acqtrain.models import digits_net, resnet20
+from acqtrain.quant import (ActQuant, QuantConv2d, QuantLinear, act_quantizers, calibrate_on_noise, quantize_model,
                        set_observing)
 
 
@@ -44,7 +44,7 @@ def test_weights_and_activations_take_at_most_2_pow_bits_levels(bits, backend):
     q(torch.randn(8, 1, 16, 16))
     for m in q.modules():
         if isinstance(m, QuantConv2d):
-            from acq import ops
+            from acqtrain import ops
             w, scale, zp = ops.fake_quantize_minmax(m.weight, 0, 2 ** bits - 1, axis=0)
             for ch in w.detach():
                 assert ch.unique().numel() <= 2 ** bits

@@ -429,9 +429,9 @@ def test_benchmark_contenders_agree_on_cuda():
 def test_acq_training_step_on_cuda(precision):
     """The whole ACQ step (the benchmark's fast loop: channels-last, optional bf16 autocast) on CUDA
     follows the reference backend's losses on its first step, stays finite, and syncs nothing."""
-    from acq.config import demo_defaults, make_config
-    from acq.models import digits_net
-    from acq.trainer import Trainer
+    from acqtrain.config import demo_defaults, make_config
+    from acqtrain.models import digits_net
+    from acqtrain.trainer import Trainer
     state = digits_net().state_dict()
     out = []
     for backend in ("reference", "auto"):
@@ -462,9 +462,9 @@ def test_cuda_graph_step_replays_the_eager_step():
     Replays follow an eager twin on the same seed (CUDA graphs replay the RNG stream eager would
     draw), losses stay finite, parameters move, an LR milestone re-captures, and the non-finite
     check still sees the graph's iterations."""
-    from acq.config import demo_defaults, make_config
-    from acq.models import digits_net
-    from acq.trainer import GRAPH_WARMUP_STEPS, Trainer
+    from acqtrain.config import demo_defaults, make_config
+    from acqtrain.models import digits_net
+    from acqtrain.trainer import GRAPH_WARMUP_STEPS, Trainer
     state = digits_net().state_dict()
     runs = []
     for graphs in (False, True):

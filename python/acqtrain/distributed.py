@@ -1,6 +1,6 @@
 """Multi-process ACQ training on torch.distributed, launched with torchrun.
 
-    torchrun --nproc_per_node=N -m acq train ...      (NCCL on GPUs, gloo on CPU)
+    torchrun --nproc_per_node=N -m acqtrain train ...      (NCCL on GPUs, gloo on CPU)
 
 What changes against one process (everything else is the single-process Trainer):
 - Every rank draws its own synthetic batch: the sampling RNG is seeded with seed + rank (recorded in

@@ -1,9 +1,10 @@
-"""acq: data-free quantization with ACQ (attention correction) on top of GDFQ, using acq_kernels ops.
+"""acqtrain: the ACQ training loop (the `acq` command) - data-free quantization with ACQ (attention correction) on top of GDFQ, using acq_kernels ops.
 
-Entry points: the `acq` command (acq.cli:main; `python -m acq demo`), or in Python:
-    cfg = acq.make_config(model="digits_net", w_bits=3, a_bits=3)
-    trainer = acq.Trainer(cfg, teacher, eval_data=...); trainer.fit()
-    acq.export_student(trainer.student, "export_dir", input_shape=(1, 16, 16))  # safetensors, ONNX, torch-only
+Entry points: the `acq` command (acqtrain.cli:main; `python -m acqtrain demo`), or in Python:
+    import acqtrain
+    cfg = acqtrain.make_config(model="digits_net", w_bits=3, a_bits=3)
+    trainer = acqtrain.Trainer(cfg, teacher, eval_data=...); trainer.fit()
+    acqtrain.export_student(trainer.student, "export_dir", input_shape=(1, 16, 16))  # safetensors, ONNX, torch-only
 """
 __version__ = "0.1.0"
 

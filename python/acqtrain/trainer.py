@@ -44,10 +44,10 @@ def freeze_teacher(teacher: nn.Module) -> nn.Module:
 class Trainer:
     """The ACQ / GDFQ data-free quantization loop for one configuration.
 
-    cfg: the validated run configuration (acq.make_config): bits, schedule, loss weights, device.
+    cfg: the validated run configuration (acqtrain.make_config): bits, schedule, loss weights, device.
     teacher: the full-precision classifier (nn.Module taking [N, C, H, W] float images of the geometry
         of cfg.model and returning [N, classes] logits); frozen in place (eval mode, no gradients).
-        The student is a fake-quantized deep copy (acq.quantize_model); a generator of [N, C, H, W]
+        The student is a fake-quantized deep copy (acqtrain.quantize_model); a generator of [N, C, H, W]
         images is trained against the teacher.
     eval_data: optional iterable of (images [N, C, H, W], labels [N] int64) batches; evaluated at the
         end of every epoch (the "acc" of the epoch record).
@@ -90,7 +90,7 @@ class Trainer:
         self.history: list[dict] = []
         self.best = None
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
-        # --- distributed/resilience hooks (python/acq/distributed.py swaps in DDP wrappers) ---
+        # --- distributed/resilience hooks (python/acqtrain/distributed.py swaps in DDP wrappers) ---
         self.g_forward = self.generator   # what the step calls; the raw modules own the state dicts
         self.q_forward = self.student
         self.skipped_steps = 0            # non-finite steps skipped (cfg.skip_nonfinite)

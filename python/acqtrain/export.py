@@ -5,14 +5,14 @@ export_student(student, out_dir, input_shape) writes
                          zero points, every activation site's scale / zero point, the float tensors;
 - manifest.json          model, geometry, bits and integer range per layer and site, the graph (torch.fx
                          nodes) that `acq_deploy.load` rebuilds, versions, teacher hash, self-check figures;
-- acq_deploy.py          the torch-only loader (python/acq/deploy.py);
+- acq_deploy.py          the torch-only loader (python/acqtrain/deploy.py);
 - model.onnx             QuantizeLinear -> Clip -> DequantizeLinear at every activation site, DequantizeLinear
                          on every integer weight; the Clip keeps sub-8-bit ranges exact (e.g. [0, 15] in the
                          uint8 container at 4 bits), nothing is widened. BatchNorm is exported as trained
                          (BatchNormalization with the student's statistics and affine), not folded.
 
 The student (an nn.Module tree or a torch.fx GraphModule) is rewritten module by module: every
-`acq.quant.ActQuant` becomes a quantize/dequantize pair, every `acq.quant.WeightQuant` layer a
+`acqtrain.quant.ActQuant` becomes a quantize/dequantize pair, every `acqtrain.quant.WeightQuant` layer a
 dequantize + float op of its integer weight; then the whole model is traced into torch functions.
 The rebuilt model is checked against the student, and the ONNX graph against the rebuilt model with
 onnxruntime, on a probe batch before the export is reported done.
@@ -264,7 +264,7 @@ def export_student(student: nn.Module, out_dir: str, input_shape, meta: dict | N
                    probe_batch: int = 16, seed: int = 0) -> dict:
     """Export a trained student (see the module docstring); returns the manifest.
 
-    student: the fake-quantized model (acq.quant.quantize_model's output, ranges frozen).
+    student: the fake-quantized model (acqtrain.quant.quantize_model's output, ranges frozen).
     input_shape: (channels, height, width) of one input image.
     meta: extra manifest fields (model name, bits, teacher hash, checkpoint ...).
     onnx: also write and check model.onnx (needs onnx, onnxscript and onnxruntime).

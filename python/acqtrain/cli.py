@@ -147,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bars (one line per epoch is still printed; bars only show on a terminal) "
                         "(default: bars on)")
-    # multi-process runs (torchrun --nproc_per_node=N -m acq train ...) and non-finite losses
+    # multi-process runs (torchrun --nproc_per_node=N -m acqtrain train ...) and non-finite losses
     t.add_argument("--bns-stats", choices=("global", "local"),
                    help="under torchrun: match BN statistics of the global batch (default) or per rank")
     t.add_argument("--skip-nonfinite", action="store_true", default=None,
