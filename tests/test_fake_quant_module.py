@@ -550,3 +550,23 @@ def test_new_paths_reject_bad_input_naming_the_argument():
     fq.disable_observer()
     with pytest.raises(ValueError, match="scale/zero_point hold 1 values but x has 4 channels"):
         fq(torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_learnable_module_called_twice_in_one_step_matches_torch(static):
+    """A LearnableFakeQuant used at two places of one forward (PT2E shares one per edge): its
+    in-place scale clamp / static estimate must not invalidate the first call's saved scale."""
+    def run(cls):
+        m = cls(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=15, scale=0.1,
+                zero_point=0.0, use_grad_scaling=True)
+        m.enable_fake_quant()
+        if static:
+            m.enable_static_estimate()
+        else:
+            m.toggle_observer_update(False)
+        x = torch.randn(257, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        y = m(x) + m(x * 2)
+        y.sum().backward()
+        return y.detach(), x.grad, m.scale.grad, m.zero_point.grad, m.scale.detach()
+    for ours, theirs in zip(run(LearnableFakeQuant), run(_LearnableFakeQuantize)):
+        assert (ours is None and theirs is None) if static and ours is None else torch.equal(ours, theirs)

@@ -107,9 +107,6 @@ def test_with_args_and_bare_class_in_a_spec_four_bit():
     assert torch.isfinite(y).all()
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="since the issue-11a rewrite, a "
-                   "LearnableFakeQuant called twice in one step (PT2E shares one per edge) "
-                   "modifies its scale in place after saving it for backward; passed before")
 def test_learnable_fake_quant():
     act = QuantizationSpec(dtype=torch.uint8, quant_min=0, quant_max=255,
                            qscheme=torch.per_tensor_affine,

@@ -370,6 +370,14 @@ class FakeQuant(TorchaoCompatible, FakeQuantize):
                 f"backend={_ak.get_backend()!r}")
 
 
+def _untracked(param: torch.Tensor) -> torch.Tensor:
+    """The parameter to update in place outside autograd. Eager: its .data, as torch's
+    _LearnableFakeQuantize does, so a module called twice in one step (PT2E shares one per edge)
+    does not invalidate the scale its first call saved for backward. Under torch.compile/export
+    the parameter itself (in no_grad), which AOTAutograd functionalises; .data does not trace."""
+    return param if torch.compiler.is_compiling() else param.data
+
+
 class LearnableFakeQuant(TorchaoCompatible, _LearnableFakeQuantize):
     r"""LSQ fake quantization (learnable scale and zero point) on acq_kernels' kernels.
 
@@ -428,8 +436,8 @@ class LearnableFakeQuant(TorchaoCompatible, _LearnableFakeQuantize):
             self.activation_post_process(X.detach())
             scale, zero_point = self.activation_post_process.calculate_qparams()
         with torch.no_grad():
-            self.scale.copy_(scale.to(self.scale.device))
-            self.zero_point.copy_(zero_point.to(self.zero_point.device))
+            _untracked(self.scale).copy_(scale.to(self.scale.device))
+            _untracked(self.zero_point).copy_(zero_point.to(self.zero_point.device))
 
     def toggle_observer_update(self, enabled=True):
         super().toggle_observer_update(enabled)
@@ -451,12 +459,12 @@ class LearnableFakeQuant(TorchaoCompatible, _LearnableFakeQuantize):
         else:
             # A tensor bound: same values as torch's clamp_(min=eps.item()), no host read.
             with torch.no_grad():
-                self.scale.clamp_min_(self.eps)
+                _untracked(self.scale).clamp_min_(self.eps)
 
         if self.fake_quant_on:
             if self._symmetric:
                 with torch.no_grad():
-                    self.zero_point.zero_()
+                    _untracked(self.zero_point).zero_()
             grad_factor = (1.0 / (X.numel() * self.quant_max) ** 0.5
                            if self.use_grad_scaling else 1.0)
             X = _ops.fake_quant_learnable(_dense(X), self.scale, self.zero_point,
