@@ -278,10 +278,15 @@ def _saved_run_config(args) -> dict | None:
     return {k: v for k, v in state.get("config", {}).items() if k in fields}
 
 
+def make_config(*args, **kwargs):
+    """A command's Config: validated, and its model must fit its dataset (checked before any work)."""
+    from .config import make_config as _make_config
+    return _make_config(*args, **kwargs).check_dataset_fit()
+
+
 def _train_config(args):
     """Defaults < --config file (or, resuming without one, the run's saved config) < command-line flags."""
     import dataclasses
-    from .config import make_config
     overrides = _train_overrides(args)
     if args.resume is not None and args.config is None:
         cfg = make_config(**{**_saved_run_config(args), **overrides})
@@ -354,7 +359,6 @@ def _train(args, cfg, trainer_cls) -> int:
 def cmd_teacher(args) -> int:
     import torch
     from .checkpoint import atomic_save
-    from .config import make_config
     from .data import evaluate, load_dataset
     from .teacher import train_teacher
     from .models import build_model
@@ -389,7 +393,7 @@ def cmd_teacher(args) -> int:
 def _checkpoint_config(args):
     """(state, file, config) of --checkpoint; --teacher-weights / --data-dir / --device / --backend override it."""
     from .checkpoint import load_checkpoint
-    from .config import Config, make_config
+    from .config import Config
     state, file = load_checkpoint(args.checkpoint)
     if not isinstance(state.get("config"), dict) or "student" not in state:
         raise AcqError(f"{file} is not an acq train checkpoint (no config / student)")
@@ -466,7 +470,6 @@ def _eval_onnx(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .config import make_config
     from .data import evaluate
 
     if args.onnx:

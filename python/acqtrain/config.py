@@ -199,7 +199,11 @@ class Config:
             raise AcqError(f"teacher weights file not found: {self.teacher_weights}")
         if self.data_dir is not None and not os.path.isdir(self.data_dir):
             raise AcqError(f"data dir not found: {self.data_dir}")
-        # the model must fit the data it is evaluated on (checked last: the settings themselves come first)
+        return self
+
+    def check_dataset_fit(self) -> "Config":
+        """The model must fit the dataset it is trained for and evaluated on (the CLI checks this; the
+        Python API may train any teacher without evaluation data)."""
         if self.num_classes is not None and self.num_classes != NUM_CLASSES[self.dataset]:
             raise AcqError(f"num_classes is {self.num_classes} but dataset {self.dataset!r} has "
                            f"{NUM_CLASSES[self.dataset]} classes")
