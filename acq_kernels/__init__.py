@@ -21,6 +21,8 @@ __all__ = [
     # fake quantization: functions and torch.ao-compatible modules
     "fake_quantize", "fake_quantize_learnable", "fake_quantize_minmax", "fake_quantize_moving_average",
     "FakeQuant", "LearnableFakeQuant",
+    # ONNX export of fake-quant models with the dynamo exporter (custom_translation_table=...)
+    "onnx_translation_table",
     # batched BatchNorm statistics and the BNS loss
     "BNStatCollector", "all_reduce_flat", "bn_stats", "bn_stats_flat", "bn_stats_from_flat", "bns_loss",
     "bns_loss_from_flat", "merge_bn_stats",

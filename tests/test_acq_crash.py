@@ -43,7 +43,7 @@ def _checkpoints(work):
 def test_sigkill_during_training_resumes_from_last_complete_checkpoint(tmp_path):
     args = _train_args(tmp_path, epochs=400)  # far more than will run before the kill
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "acq", *args], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "acqtrain", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     work = tmp_path / "run"
     try:

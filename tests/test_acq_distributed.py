@@ -323,7 +323,7 @@ def test_torchrun_cli_two_ranks(tmp_path):
 
     work = tmp_path / "run"
     base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-            f"--master_port={_free_port()}", "-m", "acq", "train", "--epochs", "1", "--iters", "2",
+            f"--master_port={_free_port()}", "-m", "acqtrain", "train", "--epochs", "1", "--iters", "2",
             "--batch-size", "8", "--warmup-epochs", "0", "--range-epochs", "1", "--backend", "reference",
             "--work-dir", str(work), "--no-progress", "--seed", "3"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TRITON_INTERPRET")}

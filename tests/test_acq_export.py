@@ -155,7 +155,7 @@ _TORCH_ONLY = r"""
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("acq", "acq_kernels", "safetensors", "onnx", "onnxruntime", "onnxscript"):
+        if name.split(".")[0] in ("acq", "acqtrain", "acq_kernels", "safetensors", "onnx", "onnxruntime", "onnxscript"):
             raise ImportError("blocked: " + name)
 sys.meta_path.insert(0, Block())
 sys.path.insert(0, sys.argv[1])
@@ -163,7 +163,7 @@ import torch, acq_deploy
 model = acq_deploy.load(sys.argv[1])
 x, want = torch.load(sys.argv[2])
 got = model(x)
-assert not [m for m in sys.modules if m.split(".")[0] in ("acq", "acq_kernels", "safetensors")], "imported"
+assert not [m for m in sys.modules if m.split(".")[0] in ("acq", "acqtrain", "acq_kernels", "safetensors")], "imported"
 assert torch.equal(got, want), (got - want).abs().max()
 print("ok", type(model).__name__, tuple(got.shape))
 """
