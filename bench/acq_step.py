@@ -75,7 +75,7 @@ class Trainers:
     def get(self, loop: Loop, compiled: bool = False):
         key = (loop, compiled)
         if key not in self._built:
-            acq = _acq()
+            acqtrain = _acq()
             graphs = loop.cuda_graphs and self.settings["device"].startswith("cuda")
             cfg = acqtrain.config.make_config(**self.settings, channels_last=loop.channels_last,
                                          precision=loop.precision, cuda_graphs=graphs)
@@ -107,7 +107,7 @@ class Trainers:
 def _make(model: str, dataset: str, full_batch: int, quick_batch: int, demo: bool = False,
           image_size: int | None = None, cuda_only: bool = False):
     def make(cfg: Config) -> Workload:
-        acq = _acq()
+        acqtrain = _acq()
         if cfg.dtype != torch.float32:
             raise Unavailable("the step's dtypes are set by its loop (fp32 weights, bf16 autocast)")
         if cuda_only and cfg.device.type != "cuda":

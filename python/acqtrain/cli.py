@@ -458,6 +458,10 @@ def _eval_onnx(args) -> int:
     if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != CHANNELS[cfg.dataset]):
         raise AcqError(f"{args.onnx} takes input {shape} but dataset {cfg.dataset!r} has "
                        f"{CHANNELS[cfg.dataset]}-channel images")
+    c, size = DATASET_SHAPE[cfg.dataset]
+    if any(isinstance(d, int) and d != size for d in shape[2:]):
+        raise AcqError(f"{args.onnx} takes input {shape} but dataset {cfg.dataset!r} has {size}x{size} images")
+    cfg.input_shape = (c, size)
     data = _eval_data(cfg, args.batch_size)
     if data is None:
         raise AcqError(f"dataset {cfg.dataset!r} needs --data-dir to evaluate")
