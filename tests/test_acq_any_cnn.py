@@ -337,11 +337,14 @@ def test_lr_milestones_are_absolute_for_both_optimizers(tmp_path):
                                     (dict(attention_layers=[]), "attention_layers"), (dict(model="vgg"), "unknown model"),
                                     (dict(model="pytorchcv:nope"), "unknown pytorchcv model")])
 def test_bad_new_settings(kw, msg):
+    if kw.get("model", "").startswith("pytorchcv:"):
+        pytest.importorskip("pytorchcv")
     with pytest.raises(AcqError, match=msg):
         make_config(**kw)
 
 
 def test_geometry_defaults():
+    pytest.importorskip("pytorchcv")
     assert make_config(model="resnet18", dataset="imagenet").input_shape == (3, 224)
     assert make_config(model="mobilenet_v2", dataset="cifar10").input_shape == (3, 32)
     assert make_config(model="pytorchcv:resnet20_cifar10").input_shape == (3, 32)
