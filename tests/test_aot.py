@@ -50,12 +50,16 @@ def test_no_per_element_divisions(compiled):
     arch, results = compiled
     checked = [r for r in results if r["per_element_div"] is False]
     assert checked
+    # the check needs teeth: the per-element gather variant does divide per element. Older
+    # Triton (3.3) spells the IEEE division without div.rn.f32, so the count proves nothing there.
+    gather = [r for r in results if r["per_element_div"] is True]
+    assert gather
+    if not all(r["div_rn"] > MAX_SCALAR_DIVS for r in gather):
+        import triton
+        pytest.skip(f"Triton {triton.__version__} emits no div.rn.f32 for tl.math.div_rn: cannot count divisions")
     bad = [(r["name"], r["div_rn"], r["int_div"]) for r in checked
            if r["div_rn"] > MAX_SCALAR_DIVS or r["int_div"] > MAX_SCALAR_DIVS]
     assert not bad, f"sm_{arch}: per-element divisions (name, div.rn, int div/rem): {bad}"
-    # and the check has teeth: the per-element gather variant does divide per element
-    gather = [r for r in results if r["per_element_div"] is True]
-    assert gather and all(r["div_rn"] > MAX_SCALAR_DIVS for r in gather)
 
 
 def test_fake_quant_streaming_specs_claim_no_aligned_sizes():
