@@ -13,9 +13,17 @@ from torch.ao.quantization.observer import (MovingAverageMinMaxObserver,
 
 from acq_kernels import FakeQuant, LearnableFakeQuant
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning",
+from conftest import TORCH_VERSION
+
+# Seen on torch 2.7: dynamo refuses to trace torch.ao's QuantStub and prepare_qat's hooks
+# (skipped by its trace rules), and torch.export lifts the LSQ parameters as fake constants;
+# torch 2.11 and 2.14 (the CI legs) pass every test here. Versions in between are untested.
+_COMPILE_FLOOR = pytest.mark.skipif(TORCH_VERSION < (2, 11), reason="compile/export of torch.ao QAT models "
+                                    "needs torch >= 2.11 (tested on 2.11 and 2.14; fails on 2.7)")
+
+pytestmark = [_COMPILE_FLOOR, pytest.mark.filterwarnings("ignore::DeprecationWarning",
                                         "ignore:.*reduce_range.*:UserWarning",
-                                        "ignore:.*must run observer.*:UserWarning")
+                                        "ignore:.*must run observer.*:UserWarning")]
 
 ACT = FakeQuant.with_args(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=15,
                           dtype=torch.quint8)

@@ -227,6 +227,10 @@ def test_half_inputs_match_reference_backend(backend, dtype, name):
 @pytest.mark.parametrize("name", ["fused_act", "default_fake_quant",
                                   "default_per_channel_weight_fake_quant"])
 def test_float64_inputs_match_torch(backend, name):
+    from conftest import TORCH_VERSION
+    if name != "default_per_channel_weight_fake_quant" and TORCH_VERSION < (2, 9):
+        pytest.skip("torch < 2.9's per-tensor fake quant computes float64 input in float64; "
+                    "acq_kernels follows torch >= 2.9")
     with acq_kernels.set_backend(backend):
         ours, ref = _pair(name)
         for i in range(3):
