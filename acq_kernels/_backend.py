@@ -135,8 +135,16 @@ def select(device: torch.device, supported: Sequence[str] = BACKENDS, op: str = 
            numel: int = 0) -> str:
     """Backend to run `op` on `device`: the user's choice, or the best available one (for
     "auto", one that can address a tensor of `numel` elements)."""
-    choice = get_backend()
-    dev = torch.device(device)
+    dev = device if isinstance(device, torch.device) else torch.device(device)
+    # Called once per op call: the decision is cached on everything it depends on (the
+    # usability check itself included, which tests replace).
+    return _select(get_backend(), dev, tuple(supported), op, numel > TRITON_MAX_NUMEL,
+                   triton_interpret(), backend_usable)
+
+
+@functools.lru_cache(maxsize=4096)
+def _select(choice: str, dev: torch.device, supported: tuple, op: str, huge: bool,
+            interpret: bool, backend_usable) -> str:
     if choice != "auto":
         if choice not in supported:
             raise RuntimeError(f"{op}: backend {choice!r} does not implement this op "
@@ -146,7 +154,7 @@ def select(device: torch.device, supported: Sequence[str] = BACKENDS, op: str = 
                                f"usable here: {usable_backends(dev, supported)}")
         return choice
     for name in _AUTO_ORDER.get(dev.type, ("reference",)):
-        if name == "triton" and numel > TRITON_MAX_NUMEL:
+        if name == "triton" and huge:
             continue
         if name in supported and backend_usable(name, dev):
             return name

@@ -311,6 +311,9 @@ class FakeQuant(TorchaoCompatible, FakeQuantize):
         if not quantize:
             _ops.fake_quant_observe(x.detach(), *args, False, False)
             return X
+        train_op = _ops.observe_train_op(x)
+        if train_op is not None:  # eager: one C++ call, autograd included
+            return train_op(x, *args, p.clipped)
         save_mask = p.clipped and x.requires_grad and torch.is_grad_enabled()
         return _ops.ObserveFakeQuant.apply(x, *args, save_mask)[0]
 
@@ -328,6 +331,10 @@ class FakeQuant(TorchaoCompatible, FakeQuantize):
                              f"x has {channels} channels along ch_axis {p.axis}: enable the "
                              "observer for a step or load a state dict first")
         x = _dense(X)
+        train_op = _ops.fixed_train_op(x)
+        if train_op is not None:  # eager: one C++ call, autograd included
+            return train_op(x, self.scale, self.zero_point, p.quant_min, p.quant_max, p.axis,
+                            p.clipped)
         save_mask = p.clipped and x.requires_grad and torch.is_grad_enabled()
         return _ops.fake_quant(x, self.scale, self.zero_point, p.quant_min, p.quant_max,
                                p.axis, save_mask)[0]

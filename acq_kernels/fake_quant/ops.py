@@ -273,6 +273,46 @@ def _observe_impl(x: Tensor):
     return reference.fq_observe_forward
 
 
+# --- eager training calls with their autograd in C++ --------------------------------------
+
+def _no_python_modes() -> bool:
+    """Plain eager execution: no tracing and no Python dispatch/function mode (FakeTensor,
+    FlopCounter, ...). The extension's C++ autograd ops have no fake kernels, so compile,
+    export and such modes go through the torch.library custom ops instead."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()  # (ONNX export)
+                or torch._C._dispatch_tls_is_dispatch_key_included(torch._C.DispatchKey.Python)
+                or torch._C._is_torch_function_mode_enabled())
+
+
+def observe_train_op(x: Tensor):
+    """acq_kernels_C::fq_observe_train (fake_quant_observe + the clipped STE's autograd in one
+    C++ call, the module's eager hot path) when the extension runs this call, else None."""
+    if _observe_impl(x) is not _extension_op("fq_observe_forward") or not _no_python_modes():
+        return None
+    return _extension_op("fq_observe_train")
+
+
+def fixed_train_op(x: Tensor):
+    """acq_kernels_C::fq_forward_train (fake_quant with its autograd in C++) when the
+    extension runs this call, else None."""
+    if _impl(x, "fq_forward") is not _extension_op("fq_forward") or not _no_python_modes():
+        return None
+    return _extension_op("fq_forward_train")
+
+
+# the eager C++ autograd ops and the backend kernel each one runs
+_TRAIN_OPS = {"fq_observe_train": "fq_observe_forward", "fq_forward_train": "fq_forward"}
+
+
+@functools.lru_cache(maxsize=None)
+def _extension_op(name: str):
+    """The extension's op `name`, or None where the extension lacks it (a train op counts as
+    present only with its forward kernel)."""
+    if not _ext_has(name) or not _ext_has(_TRAIN_OPS.get(name, name)):
+        return None
+    return getattr(_extension.ops(), name)
+
+
 @torch.library.custom_op("acq_kernels::fake_quant_observe",
                          mutates_args=("min_val", "max_val", "scale", "zero_point"))
 def fake_quant_observe(x: Tensor, min_val: Tensor, max_val: Tensor, scale: Tensor,
