@@ -16,6 +16,7 @@
 #endif
 
 #include "cpu/fake_quant.h"
+#include "cpu/fake_quant_avx2.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -268,7 +269,15 @@ void fq_forward_impl(const T* x, T* out, uint8_t* mask, int64_t n, const FqParam
   const A qmax = static_cast<A>(p.quant_max);
   at::parallel_for(0, num_chunks(n), 1, [&](int64_t cb, int64_t ce) {
     alignas(64) uint8_t flags[kBlock];
-    for (int64_t b0 = cb * kChunk; b0 < std::min(n, ce * kChunk); b0 += kBlock) {
+    int64_t start = cb * kChunk;
+    if constexpr (std::is_same_v<T, float> && !ZpBefore) {
+      if (p.channels == 1 && avx2::available()) {  // starts on a mask byte: cb * kChunk
+        start += avx2::fq_tensor_f32(x + start, out + start, mask ? mask + start / 8 : nullptr,
+                                     std::min(n, ce * kChunk) - start, p.scale[0],
+                                     p.inv_scale[0], p.zero_point[0], qmin, qmax);
+      }
+    }
+    for (int64_t b0 = start; b0 < std::min(n, ce * kChunk); b0 += kBlock) {
       const int64_t b1 = std::min(b0 + kBlock, n);
       if (p.channels > 1 && p.inner < kShortRun) {
         fq_cycle<T, ZpBefore>(x + b0, out + b0, flags, b1 - b0, b0 % p.inner,
@@ -276,7 +285,14 @@ void fq_forward_impl(const T* x, T* out, uint8_t* mask, int64_t n, const FqParam
                               p.inv_scale, p.zero_point, qmin, qmax);
       } else {
         for_each_run(b0, b1, p.inner, p.channels, [&](int64_t o, int64_t len, int64_t c) {
-          fq_run<T, ZpBefore>(x + o, out + o, flags + (o - b0), len,
+          int64_t done = 0;
+          if constexpr (std::is_same_v<T, float> && !ZpBefore) {
+            if (avx2::available()) {
+              done = avx2::fq_run_f32(x + o, out + o, flags + (o - b0), len, p.scale[c],
+                                      p.inv_scale[c], p.zero_point[c], qmin, qmax);
+            }
+          }
+          fq_run<T, ZpBefore>(x + o + done, out + o + done, flags + (o - b0) + done, len - done,
                               static_cast<A>(p.scale[c]), static_cast<A>(p.inv_scale[c]),
                               static_cast<A>(p.zero_point[c]), qmin, qmax, p.out_via_float);
         });
@@ -305,7 +321,15 @@ void fq_mask_backward(const T* grad, const uint8_t* mask, T* out, int64_t n) {
     const int64_t b0 = cb * kChunk;
     const int64_t b1 = std::min(n, ce * kChunk);
     const int64_t full = (b1 - b0) / 8;
-    mask_backward_bytes<T>(grad + b0, mask + b0 / 8, out + b0, full);
+    if constexpr (std::is_same_v<T, float>) {
+      if (avx2::available()) {
+        avx2::mask_backward_f32(grad + b0, mask + b0 / 8, out + b0, full);
+      } else {
+        mask_backward_bytes<T>(grad + b0, mask + b0 / 8, out + b0, full);
+      }
+    } else {
+      mask_backward_bytes<T>(grad + b0, mask + b0 / 8, out + b0, full);
+    }
     using A = acc_t<T>;
     const unsigned last = mask[b0 / 8 + full];  // only read when a partial byte exists
     for (int64_t i = b0 + 8 * full, k = 0; i < b1; ++i, ++k) {
