@@ -8,6 +8,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstring>
+
 namespace acq {
 namespace cuda {
 namespace {
@@ -110,68 +112,211 @@ __device__ __forceinline__ int64_t generic_offset(const int64_t* L, int64_t c, i
   return n * L[kBnStrideN] + c * L[kBnStrideC] + s * L[kBnStrideS];
 }
 
-__global__ void
-bn_partial_kernel(const int64_t* __restrict__ layers, int n_layers, float* __restrict__ part,
-                  int64_t n_slots) {
-  __shared__ Welford sh[kBnThreads];
-  Tile T = make_tile(layers, n_layers, blockIdx.x);
-  const int64_t* L = T.L;
-  const int64_t x = L[kBnX];
-  const int64_t C = L[kBnC];
+// Per-thread (count, mean, M2) about the shift from shifted sums; M2 = s2 - s1^2 / n has
+// little cancellation because the shifted data is centred near zero.
+__device__ __forceinline__ Welford welford_of(float cnt, float s1, float s2) {
+  return {cnt, cnt > 0.f ? s1 / cnt : 0.f, cnt > 0.f ? fmaxf(s2 - s1 * s1 / cnt, 0.f) : 0.f};
+}
+
+__device__ __forceinline__ void store_partial(float* part, int64_t n_slots, int64_t slot,
+                                              Welford w) {
+  part[slot] = w.n;
+  part[n_slots + slot] = w.mean;  // about the channel's shift
+  part[2 * n_slots + slot] = w.m2;
+}
+
+template <typename T> __device__ __forceinline__ float to_f(T v);
+template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+// Elements i .. i + V - 1 of the T array at ptr, as floats: one 128-bit load when V > 1
+// (the caller has checked that the address is 16-byte aligned).
+template <typename T, int V>
+__device__ __forceinline__ void load_floats(int64_t ptr, int64_t i, float (&v)[V]) {
+  const T* p = reinterpret_cast<const T*>(ptr) + i;
+  if constexpr (V == 1) {
+    v[0] = to_f(*p);
+  } else {
+    static_assert(V * sizeof(T) == 16, "a vector is 16 bytes");
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));  // ld.global.nc: x is read-only here
+    T e[V];
+    memcpy(e, &raw, sizeof(raw));
+#pragma unroll
+    for (int j = 0; j < V; ++j) v[j] = to_f(e[j]);
+  }
+}
+
+// Calls f(T{}) with the element type of a table dtype code.
+template <typename F>
+__device__ __forceinline__ void dispatch_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case 1: f(__half{}); break;
+    case 2: f(__nv_bfloat16{}); break;
+    default: f(float{}); break;
+  }
+}
+
+__device__ __forceinline__ bool aligned16(int64_t ptr) { return (ptr & 15) == 0; }
+
+// Kind 1, 128-bit loads (x 16-byte aligned, row stride and C multiples of V, so each thread's
+// V channels are all inside the tile or all outside): kLanes = 32 / V threads span the tile's
+// 32 channels of a row, V channels each, and the block walks kBnThreads / kLanes rows at a
+// time. Per-thread Welfords are merged over the warp's rows by shuffles, then over the warps
+// in order by the first warp.
+template <typename T>
+__device__ __forceinline__ void partial_rows_vec(const Tile& t, Welford* sh, float* part,
+                                                 int64_t n_slots) {
+  constexpr int V = 16 / sizeof(T);
+  constexpr int kLanes = kBnChanBlock / V;
+  constexpr int kRowStep = kBnThreads / kLanes;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t* L = t.L;
+  const int64_t x = L[kBnX], rs = L[kBnRowStride], sC = L[kBnStrideC];
+  const int64_t c = t.c0 + (tid % kLanes) * V;  // the first of this thread's V channels
+  float s1[V], s2[V], shift[V], cnt = 0.f;
+#pragma unroll
+  for (int j = 0; j < V; ++j) s1[j] = s2[j] = shift[j] = 0.f;
+  if (c < t.c1) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) shift[j] = load_as_float(x, t.dtype, (c + j) * sC);
+    for (int64_t m = t.m0 + tid / kLanes; m < t.m1; m += kRowStep) {
+      float v[V];
+      load_floats<T, V>(x, m * rs + c, v);  // sC == 1 in kind 1
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        float d = v[j] - shift[j];
+        s1[j] += d;
+        s2[j] += d * d;
+      }
+      cnt += 1.f;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    Welford w = welford_of(cnt, s1[j], s2[j]);
+    for (int o = 16; o >= kLanes; o >>= 1) {  // lanes holding the same channels
+      Welford b{__shfl_down_sync(0xffffffffu, w.n, o), __shfl_down_sync(0xffffffffu, w.mean, o),
+                __shfl_down_sync(0xffffffffu, w.m2, o)};
+      w = chan_merge(w, b);
+    }
+    if (lane < kLanes) sh[warp * kBnChanBlock + lane * V + j] = w;
+  }
+  __syncthreads();
+  if (tid < kBnChanBlock) {
+    Welford w = sh[tid];
+    for (int r = 1; r < kBnThreads / 32; ++r) w = chan_merge(w, sh[r * kBnChanBlock + tid]);
+    if (t.c0 + tid < t.c1) store_partial(part, n_slots, L[kBnPBase] + t.p * L[kBnC] + t.c0 + tid, w);
+  }
+}
+
+// Kind 0 (one channel, positions [m0, m1) mapped to n * sN + c * sC + s * sS): with V > 1
+// (sS == 1; S, sN, sC multiples of V; x 16-byte aligned) the whole V-vectors of positions are
+// read with 128-bit loads and the < V positions before and after them one per thread. The
+// thread's (n, s) is stepped without division (one division before the loop).
+template <typename T, int V>
+__device__ __forceinline__ void partial_generic(const Tile& t, Welford* sh, float* part,
+                                                int64_t n_slots) {
   const int tid = threadIdx.x;
-  float s1 = 0.f, s2 = 0.f, cnt = 0.f, shift;
-  int64_t c;
-  if (T.kind == 1) {
-    // 32 channels x 8 row groups; a warp reads 32 consecutive channels of one row.
-    c = T.c0 + (tid % kBnChanBlock);
-    const bool active = c < T.c1;
-    const int64_t rs = L[kBnRowStride];
-    shift = active ? load_as_float(x, T.dtype, c * L[kBnStrideC]) : 0.f;
-    if (active) {
-      for (int64_t m = T.m0 + tid / kBnChanBlock; m < T.m1; m += kBnThreads / kBnChanBlock) {
-        float d = load_as_float(x, T.dtype, m * rs + c * L[kBnStrideC]) - shift;
-        s1 += d;
-        s2 += d * d;
-        cnt += 1.f;
+  const int64_t* L = t.L;
+  const int64_t x = L[kBnX], c = t.c0, S = L[kBnS], sN = L[kBnStrideN], sS = L[kBnStrideS];
+  const int64_t cbase = c * L[kBnStrideC];
+  const float shift = load_as_float(x, t.dtype, cbase);
+  float s1 = 0.f, s2 = 0.f, cnt = 0.f;
+  auto add = [&](float v) {
+    float d = v - shift;
+    s1 += d;
+    s2 += d * d;
+    cnt += 1.f;
+  };
+  const int64_t v0 = (t.m0 + V - 1) / V, v1 = t.m1 / V;  // whole vectors [v0, v1)
+  if constexpr (V > 1) {
+    const int64_t head_end = v0 * V < t.m1 ? v0 * V : t.m1;
+    const int64_t tail_begin = v1 * V > head_end ? v1 * V : head_end;
+    if (t.m0 + tid < head_end) add(load_as_float(x, t.dtype, generic_offset(L, c, t.m0 + tid)));
+    if (tail_begin + tid < t.m1) add(load_as_float(x, t.dtype, generic_offset(L, c, tail_begin + tid)));
+  }
+  int64_t k = v0 + tid;
+  if (k < v1) {
+    const int64_t step = static_cast<int64_t>(kBnThreads) * V;  // positions per pass
+    const int64_t dn = step / S, ds = step - dn * S;
+    int64_t n = (k * V) / S, sp = k * V - n * S;
+    for (; k < v1; k += kBnThreads) {
+      float v[V];
+      load_floats<T, V>(x, n * sN + cbase + sp * sS, v);
+#pragma unroll
+      for (int j = 0; j < V; ++j) add(v[j]);
+      sp += ds;
+      n += dn;
+      if (sp >= S) {
+        sp -= S;
+        ++n;
       }
     }
-  } else {
-    c = T.c0;
-    shift = load_as_float(x, T.dtype, c * L[kBnStrideC]);
-    for (int64_t m = T.m0 + tid; m < T.m1; m += kBnThreads) {
-      float d = load_as_float(x, T.dtype, generic_offset(L, c, m)) - shift;
+  }
+  Welford w = warp_merge(welford_of(cnt, s1, s2));
+  if ((tid & 31) == 0) sh[tid >> 5] = w;
+  __syncthreads();
+  if (tid == 0) {
+    for (int r = 1; r < kBnThreads / 32; ++r) w = chan_merge(w, sh[r]);
+    store_partial(part, n_slots, L[kBnPBase] + t.p * L[kBnC] + c, w);
+  }
+}
+
+// Kind 1, scalar: 32 channels x 8 row groups; a warp reads 32 consecutive channels of one row.
+__device__ __forceinline__ void partial_rows_scalar(const Tile& t, Welford* sh, float* part,
+                                                    int64_t n_slots) {
+  const int64_t* L = t.L;
+  const int64_t x = L[kBnX];
+  const int tid = threadIdx.x;
+  float s1 = 0.f, s2 = 0.f, cnt = 0.f;
+  const int64_t c = t.c0 + (tid % kBnChanBlock);
+  const bool active = c < t.c1;
+  const int64_t rs = L[kBnRowStride];
+  const float shift = active ? load_as_float(x, t.dtype, c * L[kBnStrideC]) : 0.f;
+  if (active) {
+    for (int64_t m = t.m0 + tid / kBnChanBlock; m < t.m1; m += kBnThreads / kBnChanBlock) {
+      float d = load_as_float(x, t.dtype, m * rs + c * L[kBnStrideC]) - shift;
       s1 += d;
       s2 += d * d;
       cnt += 1.f;
     }
   }
-  // Per-thread (count, mean, M2) about the shift; M2 = s2 - s1^2 / n has little cancellation
-  // because the shifted data is centred near zero.
-  Welford w{cnt, cnt > 0.f ? s1 / cnt : 0.f, cnt > 0.f ? fmaxf(s2 - s1 * s1 / cnt, 0.f) : 0.f};
-  const int64_t pbase = L[kBnPBase];
-  if (T.kind == 1) {
-    sh[tid] = w;
-    __syncthreads();
-    if (tid < kBnChanBlock) {
-      for (int r = 1; r < kBnThreads / kBnChanBlock; ++r) w = chan_merge(w, sh[tid + r * kBnChanBlock]);
-      if (c < T.c1) {
-        int64_t slot = pbase + T.p * C + c;
-        part[slot] = w.n;
-        part[n_slots + slot] = w.mean;  // about the channel's shift
-        part[2 * n_slots + slot] = w.m2;
-      }
+  Welford w = welford_of(cnt, s1, s2);
+  sh[tid] = w;
+  __syncthreads();
+  if (tid < kBnChanBlock) {
+    for (int r = 1; r < kBnThreads / kBnChanBlock; ++r) w = chan_merge(w, sh[tid + r * kBnChanBlock]);
+    if (c < t.c1) store_partial(part, n_slots, L[kBnPBase] + t.p * L[kBnC] + c, w);
+  }
+}
+
+// One tile's partial (count, mean - shift, M2): 128-bit loads where the layer's layout and
+// alignment allow (checked per tile, block-uniform), else the scalar walks.
+__global__ void __launch_bounds__(kBnThreads)
+bn_partial_kernel(const int64_t* __restrict__ layers, int n_layers, float* __restrict__ part,
+                  int64_t n_slots) {
+  __shared__ Welford sh[kBnThreads];
+  const Tile t = make_tile(layers, n_layers, blockIdx.x);
+  const int64_t* L = t.L;
+  const int V = t.dtype == 0 ? 4 : 8;  // elements per 16 bytes
+  const bool aligned = aligned16(L[kBnX]);
+  if (t.kind == 1) {
+    if (aligned && L[kBnRowStride] % V == 0 && L[kBnC] % V == 0) {
+      dispatch_dtype(t.dtype, [&](auto tag) { partial_rows_vec<decltype(tag)>(t, sh, part, n_slots); });
+    } else {
+      partial_rows_scalar(t, sh, part, n_slots);
     }
+  } else if (aligned && L[kBnStrideS] == 1 && L[kBnS] % V == 0 && L[kBnStrideN] % V == 0 &&
+             L[kBnStrideC] % V == 0) {
+    dispatch_dtype(t.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      partial_generic<T, 16 / sizeof(T)>(t, sh, part, n_slots);
+    });
   } else {
-    w = warp_merge(w);
-    if ((tid & 31) == 0) sh[tid >> 5] = w;
-    __syncthreads();
-    if (tid == 0) {
-      for (int r = 1; r < kBnThreads / 32; ++r) w = chan_merge(w, sh[r]);
-      int64_t slot = pbase + T.p * C + c;
-      part[slot] = w.n;
-      part[n_slots + slot] = w.mean;  // about the channel's shift
-      part[2 * n_slots + slot] = w.m2;
-    }
+    dispatch_dtype(t.dtype, [&](auto tag) { partial_generic<decltype(tag), 1>(t, sh, part, n_slots); });
   }
 }
 
