@@ -30,8 +30,6 @@ constexpr int kChannelBlocksPerSm = 2;
 // LSQ backward pass-1 blocks: a constant, so the order of its sums is the same on every GPU.
 constexpr int kLsqTargetBlocks = 1024;
 constexpr float kInf = __builtin_huge_valf();
-// Largest grid the channels-innermost fake quant may be rounded up to (else it runs scalar).
-constexpr int64_t kMaxColsBlocks = 8192;
 
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
@@ -282,9 +280,9 @@ __global__ void __launch_bounds__(kThreads) minmax_finish_kernel(MinMaxFinish f)
 // The fake-quant kernel. PerChannel: qparams per element from scale[c] / zero_point[c];
 // ZpBefore: float zero point added before rounding. No division per element or vector: the
 // runs layout (inner >= V, a vector spans at most two channels) and the scalar loop step a
-// ChanCursor; Cols (inner == 1, channels innermost, C >= V) needs a grid whose step
-// (blocks x kThreads x V elements) is a multiple of C (see launch_fq_any), so a thread's V
-// channels c + j (mod C) never change and their qparams are resolved once, before the loop.
+// ChanCursor; Cols (inner == 1, channels innermost, C >= V) needs a grid on which a thread's V
+// channels c + j (mod C) never change (see cols_grid), so their qparams are resolved once,
+// before the loop.
 template <typename T, int V, bool PerChannel, bool ZpBefore, bool Cols = false>
 __global__ void __launch_bounds__(kThreads)
     fq_kernel(const T* __restrict__ x, T* __restrict__ out, uint8_t* __restrict__ mask,
@@ -340,7 +338,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t base0 = gwarp * (32 * V) + static_cast<int64_t>(lane) * V;
   A csc[Cols ? V : 1], cinv[Cols ? V : 1], czp[Cols ? V : 1];  // Cols: the thread's channels
   if constexpr (Cols) {
-    // base0 < grid threads x V < 2^31 and C < 2^31 (launch_fq_any): a 32-bit division.
+    // base0 < grid threads x V < 2^31 and C < 2^31 (cols_grid): a 32-bit division.
     const int64_t c = static_cast<uint32_t>(base0) % static_cast<uint32_t>(C);
     // All loads first, then the reciprocals (ptxas expands each into a call on its slow path;
     // with loads and calls interleaved, the values live across the calls spilled).
@@ -936,8 +934,10 @@ __global__ void __launch_bounds__(kThreads, 4)
   }
 }
 
+int64_t elementwise_cap() { return static_cast<int64_t>(sm_count()) * 8; }  // 2048 threads/SM
+
 int elementwise_blocks(int64_t work_items) {
-  const int64_t cap = static_cast<int64_t>(sm_count()) * 8;  // 2048 threads per SM
+  const int64_t cap = elementwise_cap();
   int64_t b = ceil_div(work_items, kThreads);
   if (b > cap) b = cap;
   return static_cast<int>(b < 1 ? 1 : b);
@@ -945,15 +945,24 @@ int elementwise_blocks(int64_t work_items) {
 
 bool aligned16(const void* p) { return aligned_to(p, 16); }
 
-// Blocks whose fq_kernel step (blocks x kThreads x V elements) is a whole number of rows of C.
-int64_t cols_block_multiple(int64_t C, int V) {
+// Grid of the channels-innermost fake quant (fq_kernel Cols), or 0 where it cannot run: the
+// kernel needs each thread's V channels fixed, i.e. either one tile per warp at most (the
+// elementwise grid covers n) or a step (blocks x kThreads x V elements) that is a whole
+// number of rows of C, by rounding the grid up to a multiple of C / gcd(C, kThreads * V)
+// blocks; that multiple may be at most the elementwise cap (so the grid at most doubles).
+int64_t cols_grid(const FqLayout& l, int V) {
+  const int64_t C = l.channels;
+  if (l.inner != 1 || C < V || C >= (int64_t{1} << 31)) return 0;
+  const int64_t blocks = elementwise_blocks(ceil_div(l.n, V));
+  if (blocks * kThreads * V >= l.n) return blocks;
   int64_t a = C, b = static_cast<int64_t>(kThreads) * V;  // gcd(C, kThreads * V)
   while (b != 0) {
     const int64_t r = a % b;
     a = b;
     b = r;
   }
-  return C / a;
+  const int64_t m = C / a;
+  return m <= elementwise_cap() ? ceil_div(blocks, m) * m : 0;
 }
 
 int minmax_parts(int64_t n, int V) {
@@ -979,16 +988,11 @@ void dispatch(DType dt, F&& f) {
   }
 }
 
-// Cols: the grid is rounded up to a multiple of C / gcd(C, kThreads * V) blocks, so that its
-// step is a whole number of rows (the kernel's precondition).
+// Cols: the grid from cols_grid (the kernel's precondition).
 template <typename T, int V, bool PerChannel, bool ZpBefore, bool Cols = false>
 void launch_fq(const T* x, T* out, uint8_t* mask, const FqLayout& l, const float* scale,
                const void* zp, bool zp_is_float, int qmin, int qmax, cudaStream_t stream) {
-  int64_t blocks = elementwise_blocks(ceil_div(l.n, V));
-  if constexpr (Cols) {
-    const int64_t m = cols_block_multiple(l.channels, V);
-    blocks = ceil_div(blocks, m) * m;
-  }
+  const int64_t blocks = Cols ? cols_grid(l, V) : elementwise_blocks(ceil_div(l.n, V));
   const unsigned grid = static_cast<unsigned>(blocks);
   fq_kernel<T, V, PerChannel, ZpBefore, Cols><<<grid, kThreads, 0, stream>>>(
       x, out, mask, l, scale, zp, zp_is_float, qmin, qmax);
@@ -1013,8 +1017,7 @@ void launch_fq_any(const void* x, void* out, uint8_t* mask, const FqLayout& l,
         return;
       }
       if constexpr (PerChannel) {
-        if (l.inner == 1 && l.channels >= V && l.channels < (int64_t{1} << 31) &&
-            cols_block_multiple(l.channels, V) <= kMaxColsBlocks) {
+        if (cols_grid(l, V) > 0) {
           launch_fq<T, V, true, ZpBefore, true>(xt, ot, mask, l, scale, zp, zp_is_float, qmin,
                                                 qmax, stream);
           return;
