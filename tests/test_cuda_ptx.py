@@ -33,7 +33,7 @@ _ENTRY = re.compile(r"^(?:\.visible\s+|\.weak\s+)?\.(?:entry|func)\s+(?:\([^)]*\
 CHECKED = re.compile(r"^void (?:minmax_(?:partial|columns|rows|fq_segment)_kernel|lsq_\w+_kernel|"
                      r"fq_kernel|map_nchw_kernel|map_nhwc_kernel|feat_bwd_kernel)"
                      r"<(?:float|__half|__nv_bfloat16)\b|"
-                     r"^(?:bn_combine_kernel|bn_partial_kernel|lsq_finish_kernel|per_elem|hoisted)\(")
+                     r"^(?:bn_combine_kernel|bn_partial_kernel|bn_backward_kernel|lsq_finish_kernel|per_elem|hoisted)\(")
 
 
 class Compiled:
@@ -209,10 +209,11 @@ def test_per_channel_minmax_finish_is_lean(cu):
     assert_lean(c, c.kernel(r"lsq_finish_kernel"))
 
 
-def test_bn_partial_streams(cu):
+@pytest.mark.parametrize("kernel,stores", (("bn_partial_kernel", 0), ("bn_backward_kernel", 6)))
+def test_bn_stats_streams(cu, kernel, stores):
     """Both walks (channels-inner rows, generic per channel) have a 128-bit path per element
     type (dispatched per tile at run time), with no spills and no division in any loop."""
-    assert_streams(cu["bn_stats"], r"^bn_partial_kernel\(", loads=6)
+    assert_streams(cu["bn_stats"], rf"^{kernel}\(", loads=6, stores=stores)
 
 
 def test_bn_combine_is_lean(cu):
