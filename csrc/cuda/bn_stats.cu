@@ -4,6 +4,7 @@
 // Chan's formula; a second kernel merges each channel's partials (a tree over partial rows,
 // see bn_combine_kernel) and adds k back.
 #include "bn_stats.cuh"
+#include "cuda/convert.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -125,35 +126,21 @@ __device__ __forceinline__ void store_partial(float* part, int64_t n_slots, int6
   part[2 * n_slots + slot] = w.m2;
 }
 
-template <typename T> __device__ __forceinline__ float to_f(T v);
-template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
 // Elements i .. i + V - 1 of the T array at ptr, as floats: one 128-bit load when V > 1
 // (the caller has checked that the address is 16-byte aligned).
 template <typename T, int V>
 __device__ __forceinline__ void load_floats(int64_t ptr, int64_t i, float (&v)[V]) {
   const T* p = reinterpret_cast<const T*>(ptr) + i;
   if constexpr (V == 1) {
-    v[0] = to_f(*p);
+    v[0] = to_acc(*p);
   } else {
     static_assert(V * sizeof(T) == 16, "a vector is 16 bytes");
     const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));  // ld.global.nc: x is read-only here
     T e[V];
     memcpy(e, &raw, sizeof(raw));
 #pragma unroll
-    for (int j = 0; j < V; ++j) v[j] = to_f(e[j]);
+    for (int j = 0; j < V; ++j) v[j] = to_acc(e[j]);
   }
-}
-
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
 }
 
 // Stores v as elements i .. i + V - 1 of the T array at ptr (one 128-bit store when V > 1).
@@ -161,11 +148,11 @@ template <typename T, int V>
 __device__ __forceinline__ void store_floats(int64_t ptr, int64_t i, const float (&v)[V]) {
   T* p = reinterpret_cast<T*>(ptr) + i;
   if constexpr (V == 1) {
-    *p = from_f<T>(v[0]);
+    *p = from_acc<T>(v[0]);
   } else {
     T e[V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) e[j] = from_f<T>(v[j]);
+    for (int j = 0; j < V; ++j) e[j] = from_acc<T>(v[j]);
     uint4 raw;
     memcpy(&raw, e, sizeof(raw));
     __stwb(reinterpret_cast<uint4*>(p), raw);  // st.global (the table's pointer is generic)
