@@ -95,6 +95,43 @@ __device__ __forceinline__ void divmod(int64_t o, int64_t d, bool small, int64_t
   }
 }
 
+// The channel of a memory offset that a thread advances by a fixed step: (o / inner) % C kept
+// as (pos = o % inner, c) and stepped with compares, so that a grid-stride loop divides once,
+// before it starts, never per element or vector.
+struct ChanCursor {
+  int64_t pos, c, step_pos, step_c;
+};
+
+__device__ __forceinline__ ChanCursor chan_cursor(int64_t o, int64_t step, int64_t inner,
+                                                  int64_t C, bool small) {
+  ChanCursor k;
+  int64_t q, unused;
+  divmod(o, inner, small, q, k.pos);
+  divmod(q, C, small, unused, k.c);
+  divmod(step, inner, small, q, k.step_pos);
+  divmod(q, C, small, unused, k.step_c);
+  return k;
+}
+
+__device__ __forceinline__ void chan_advance(ChanCursor& k, int64_t inner, int64_t C) {
+  k.pos += k.step_pos;
+  const bool carry = k.pos >= inner;
+  if (carry) k.pos -= inner;
+  k.c += k.step_c + carry;  // < 2C: one wrap at most
+  if (k.c >= C) k.c -= C;
+}
+
+// Mask word of a warp tile of 32 x V elements: each lane's V in-range bits, OR-combined over
+// the 32 / V lanes that hold the same 32 elements (every lane of the group gets the word).
+template <int V>
+__device__ __forceinline__ uint32_t tile_mask_word(uint32_t bits, int lane) {
+  constexpr int kLanesPerWord = 32 / V;
+  uint32_t w = bits << (V * (lane % kLanesPerWord));
+#pragma unroll
+  for (int off = 1; off < kLanesPerWord; off <<= 1) w |= __shfl_xor_sync(0xffffffffu, w, off);
+  return w;
+}
+
 template <typename A, bool ZpBefore, bool ViaFloat = false>
 __device__ __forceinline__ A fq_elem(A xv, A sc, A inv, A zp, A qmin, A qmax, bool& in_range) {
   const A v = mul_rn(xv, inv);
@@ -185,9 +222,25 @@ __device__ __forceinline__ void calc_qparams(float mn, float mx, int qmin, int q
   *zero_point = zp;
 }
 
+// Where an observer's qparams go, and calc_qparams's settings: one struct that every observer
+// kernel (per-tensor finish, per-channel finish, segments) takes, built once by the launcher.
+struct QparamsOut {
+  int quant_min = 0, quant_max = 0;
+  bool symmetric = false;
+  float eps = 0.0f;
+  float* scale = nullptr;         // [channels]
+  int32_t* zero_point = nullptr;  // [channels]
+};
+
+__device__ __forceinline__ void store_qparams(const QparamsOut& q, int64_t c, float mn,
+                                              float mx) {
+  calc_qparams(mn, mx, q.quant_min, q.quant_max, q.symmetric, q.eps, q.scale + c,
+               q.zero_point + c);
+}
+
 // Per-tensor qparams from the min/max partials (optionally after the moving-average update),
-// computed once by minmax_finish_kernel and written to scale_out / zero_point_out (and the
-// updated buffers), which the per-tensor fake-quant launch then reads.
+// computed once by minmax_finish_kernel and written to q (and the updated buffers), which the
+// per-tensor fake-quant launch then reads.
 struct MinMaxFinish {
   const float* partials = nullptr;  // [nparts mins][nparts maxs][old min, old max]
   int nparts = 0;
@@ -195,28 +248,11 @@ struct MinMaxFinish {
   float averaging_constant = 0.0f;
   float* min_val = nullptr;
   float* max_val = nullptr;
-  float* scale_out = nullptr;
-  int32_t* zero_point_out = nullptr;
-  bool symmetric = false;
-  float eps = 0.0f;
+  QparamsOut q;
 };
 
-// The per-tensor qparams finish of a min/max pass over `nparts` partials in `workspace`.
-MinMaxFinish qparams_finish(float* workspace, int nparts, float* scale, int32_t* zero_point,
-                            bool symmetric, float eps) {
-  MinMaxFinish fin;
-  fin.partials = workspace;
-  fin.nparts = nparts;
-  fin.scale_out = scale;
-  fin.zero_point_out = zero_point;
-  fin.symmetric = symmetric;
-  fin.eps = eps;
-  return fin;
-}
-
 // Pass 2 of the per-tensor observer: one block reduces the (at most 4 x SM) partials.
-__global__ void __launch_bounds__(kThreads)
-    minmax_finish_kernel(MinMaxFinish f, int qmin, int qmax) {
+__global__ void __launch_bounds__(kThreads) minmax_finish_kernel(MinMaxFinish f) {
   float mn = kInf, mx = -kInf;
   for (int i = threadIdx.x; i < f.nparts; i += blockDim.x) {
     mn = nan_min(mn, f.partials[i]);
@@ -237,13 +273,17 @@ __global__ void __launch_bounds__(kThreads)
       *f.min_val = mn;
       *f.max_val = mx;
     }
-    calc_qparams(mn, mx, qmin, qmax, f.symmetric, f.eps, f.scale_out, f.zero_point_out);
+    store_qparams(f.q, 0, mn, mx);
   }
 }
 
 // The fake-quant kernel. PerChannel: qparams per element from scale[c] / zero_point[c];
-// ZpBefore: float zero point added before rounding.
-template <typename T, int V, bool PerChannel, bool ZpBefore>
+// ZpBefore: float zero point added before rounding. No division per element or vector: the
+// runs layout (inner >= V, a vector spans at most two channels) and the scalar loop step a
+// ChanCursor; Cols (inner == 1, channels innermost, C >= V) needs a grid on which a thread's V
+// channels c + j (mod C) never change (see cols_grid), so their qparams are resolved once,
+// before the loop.
+template <typename T, int V, bool PerChannel, bool ZpBefore, bool Cols = false>
 __global__ void __launch_bounds__(kThreads)
     fq_kernel(const T* __restrict__ x, T* __restrict__ out, uint8_t* __restrict__ mask,
               FqLayout l, const float* __restrict__ scale, const void* __restrict__ zero_point,
@@ -293,29 +333,60 @@ __global__ void __launch_bounds__(kThreads)
 
   // Full vector tiles (loop bounds are warp-uniform, so the shuffles are safe).
   const int64_t ntiles = V > 1 ? n / (32 * V) : 0;
+  const int64_t C = l.channels;
+  ChanCursor cur{};
+  const int64_t base0 = gwarp * (32 * V) + static_cast<int64_t>(lane) * V;
+  A csc[Cols ? V : 1], cinv[Cols ? V : 1], czp[Cols ? V : 1];  // Cols: the thread's channels
+  if constexpr (Cols) {
+    // base0 < grid threads x V < 2^31 and C < 2^31 (cols_grid): a 32-bit division.
+    const int64_t c = static_cast<uint32_t>(base0) % static_cast<uint32_t>(C);
+    // All loads first, then the reciprocals (ptxas expands each into a call on its slow path;
+    // with loads and calls interleaved, the values live across the calls spilled).
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int64_t cj = c + j < C ? c + j : c + j - C;  // C >= V: one wrap at most
+      csc[j] = scale[cj];
+      if constexpr (ZpBefore) {
+        czp[j] = static_cast<A>(static_cast<const float*>(zero_point)[cj]);
+      } else {
+        czp[j] = static_cast<A>(static_cast<const int32_t*>(zero_point)[cj]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) cinv[j] = static_cast<A>(__frcp_rn(static_cast<float>(csc[j])));
+  } else if constexpr (PerChannel && V > 1) {
+    cur = chan_cursor(base0, nwarps * (32 * V), l.inner, C, small);
+  }
   for (int64_t t = gwarp; t < ntiles; t += nwarps) {
     const int64_t base = t * (32 * V) + static_cast<int64_t>(lane) * V;
     const Vec<T, V> in = load_vec<T, V>(x + base);
     Vec<T, V> res;
     uint32_t bits = 0;
-    // Per-channel: the host only picks V > 1 when inner >= V, so a vector spans at most two
-    // channels; both qparam sets are loaded up front (no calls inside the unrolled loop).
-    A sc0, inv0, zp0, sc1 = 0, inv1 = 0, zp1 = 0;
+    // Runs (inner >= V): a vector spans at most two channels; both qparam sets are loaded up
+    // front (no calls inside the unrolled loop).
+    A sc0 = 0, inv0 = 0, zp0 = 0, sc1 = 0, inv1 = 0, zp1 = 0;
     int64_t first_len = V;  // elements of the vector in the first channel
-    if constexpr (PerChannel) {
-      int64_t q, pos, c0, unused;
-      divmod(base, l.inner, small, q, pos);
-      divmod(q, l.channels, small, unused, c0);
+    if constexpr (PerChannel && !Cols) {
+      const int64_t c0 = cur.c;
       params(c0, sc0, inv0, zp0);
-      params(c0 + 1 == l.channels ? 0 : c0 + 1, sc1, inv1, zp1);
-      first_len = l.inner - pos;
-    } else {
+      params(c0 + 1 == C ? 0 : c0 + 1, sc1, inv1, zp1);
+      first_len = l.inner - cur.pos;
+    } else if constexpr (!PerChannel) {
       params(0, sc0, inv0, zp0);
     }
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const bool second = PerChannel && j >= first_len;
-      const A sc = second ? sc1 : sc0, inv = second ? inv1 : inv0, zp = second ? zp1 : zp0;
+      A sc, inv, zp;
+      if constexpr (Cols) {
+        sc = csc[j];
+        inv = cinv[j];
+        zp = czp[j];
+      } else {
+        const bool second = PerChannel && j >= first_len;
+        sc = second ? sc1 : sc0;
+        inv = second ? inv1 : inv0;
+        zp = second ? zp1 : zp0;
+      }
       bool ok;
       res.v[j] = from_acc<T>(fq_elem<A, ZpBefore, !PerChannel>(to_acc(in.v[j]), sc, inv, zp, qmin, qmax, ok));
       bits |= static_cast<uint32_t>(ok) << j;
@@ -323,32 +394,44 @@ __global__ void __launch_bounds__(kThreads)
     store_vec<T, V>(out + base, res);
     if (mask != nullptr) {
       // Lanes [k * kLanesPerWord, (k + 1) * kLanesPerWord) hold the 32 elements of word k.
-      uint32_t w = bits << (V * (lane % kLanesPerWord));
-#pragma unroll
-      for (int off = 1; off < kLanesPerWord; off <<= 1) w |= __shfl_xor_sync(0xffffffffu, w, off);
+      const uint32_t w = tile_mask_word<V>(bits, lane);
       if (lane % kLanesPerWord == 0) store_mask_word(mask, mask_bytes, t * V + lane / kLanesPerWord, w);
     }
+    if constexpr (PerChannel && V > 1 && !Cols) chan_advance(cur, l.inner, C);
   }
 
   // Scalar remainder: 32 consecutive elements per warp -> one ballot word.
   const int64_t start = ntiles * (32 * V);
   const int64_t ntail = (n - start + 31) / 32;
-  for (int64_t t = gwarp; t < ntail; t += nwarps) {
+  auto tail_tile = [&](int64_t t, int64_t c) {
     const int64_t i = start + t * 32 + lane;
     bool ok = false;
     if (i < n) {
-      int64_t c = 0;
-      if constexpr (PerChannel) {
-        int64_t q, r, unused;
-        divmod(i, l.inner, small, q, r);
-        divmod(q, l.channels, small, unused, c);
-      }
       A sc, inv, zp;
       params(c, sc, inv, zp);
       out[i] = from_acc<T>(fq_elem<A, ZpBefore, !PerChannel>(to_acc(x[i]), sc, inv, zp, qmin, qmax, ok));
     }
     const uint32_t w = __ballot_sync(0xffffffffu, ok);
     if (mask != nullptr && lane == 0) store_mask_word(mask, mask_bytes, start / 32 + t, w);
+  };
+  if constexpr (V > 1) {
+    // Fewer than 32 x V elements are left: at most V <= 8 tiles, one per warp of the first
+    // block, so this is no loop and its channel is divided out directly.
+    if (gwarp < ntail) {
+      int64_t c = 0;
+      if constexpr (PerChannel) {
+        int64_t q, r, unused;
+        divmod(start + gwarp * 32 + lane, l.inner, small, q, r);
+        divmod(q, C, small, unused, c);
+      }
+      tail_tile(gwarp, c);
+    }
+  } else {
+    if constexpr (PerChannel) cur = chan_cursor(gwarp * 32 + lane, nwarps * 32, l.inner, C, small);
+    for (int64_t t = gwarp; t < ntail; t += nwarps) {
+      tail_tile(t, PerChannel ? cur.c : 0);
+      if constexpr (PerChannel) chan_advance(cur, l.inner, C);
+    }
   }
 }
 
@@ -433,6 +516,19 @@ __device__ __forceinline__ T lsq_elem(A g, A xi, const LsqParams<A>& p, A qmin, 
 // has one block row (gridDim.y == 1), else into partials [gridDim.y, C] for a finishing pass.
 __device__ __forceinline__ bool single_pass() { return gridDim.y == 1; }
 
+// A pass-1 block's LSQ sums of channel c (of C): the outputs, or its row of the partials.
+__device__ __forceinline__ void store_lsq_sums(float* dscale, float* dzero_point,
+                                               float* partials, int64_t C, int64_t c, float ds,
+                                               float dz) {
+  if (single_pass()) {
+    dscale[c] = ds;
+    dzero_point[c] = dz;
+  } else {
+    partials[(blockIdx.y * C + c) * 2] = ds;
+    partials[(blockIdx.y * C + c) * 2 + 1] = dz;
+  }
+}
+
 // LSQ backward, pass 1, one channel (per tensor, or a size-1 channel axis): grid-stride over 128-bit vectors of grad and x, then a
 // fixed-order block sum into partials[blockIdx.y][0] (grid (1, blocks)).
 template <typename T, int V>
@@ -463,15 +559,7 @@ __global__ void __launch_bounds__(kThreads)
     dx[i] = lsq_elem<T, A>(to_acc(grad[i]), to_acc(x[i]), p, qmin, qmax, gf, s_ds, s_dz);
   const float b_ds = block_sum(static_cast<float>(s_ds));
   const float b_dz = block_sum(static_cast<float>(s_dz));
-  if (threadIdx.x == 0) {
-    if (single_pass()) {
-      *dscale = b_ds;
-      *dzero_point = b_dz;
-    } else {
-      partials[blockIdx.y * 2] = b_ds;
-      partials[blockIdx.y * 2 + 1] = b_dz;
-    }
-  }
+  if (threadIdx.x == 0) store_lsq_sums(dscale, dzero_point, partials, 1, 0, b_ds, b_dz);
 }
 
 // Shared-memory tree over the `rpb` row groups of a [rpb, tpr] thread tile (rpb a power of
@@ -536,14 +624,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const int64_t c = c0 + j;
-      const float ds = s_sum[threadIdx.x * 2 * V + 2 * j], dz = s_sum[threadIdx.x * 2 * V + 2 * j + 1];
-      if (single_pass()) {
-        dscale[c] = ds;
-        dzero_point[c] = dz;
-      } else {
-        partials[(blockIdx.y * C + c) * 2] = ds;
-        partials[(blockIdx.y * C + c) * 2 + 1] = dz;
-      }
+      store_lsq_sums(dscale, dzero_point, partials, C, c, s_sum[threadIdx.x * 2 * V + 2 * j],
+                     s_sum[threadIdx.x * 2 * V + 2 * j + 1]);
     }
   }
 }
@@ -585,15 +667,7 @@ __global__ void __launch_bounds__(kThreads, 4)
     }
     const float b_ds = block_sum(static_cast<float>(s_ds));
     const float b_dz = block_sum(static_cast<float>(s_dz));
-    if (threadIdx.x == 0) {
-      if (single_pass()) {
-        dscale[c] = b_ds;
-        dzero_point[c] = b_dz;
-      } else {
-        partials[(blockIdx.y * C + c) * 2] = b_ds;
-        partials[(blockIdx.y * C + c) * 2 + 1] = b_dz;
-      }
-    }
+    if (threadIdx.x == 0) store_lsq_sums(dscale, dzero_point, partials, C, c, b_ds, b_dz);
   }
 }
 
@@ -627,6 +701,30 @@ __device__ __forceinline__ void fold_minmax(const Vec<T, W>& in, float& mn, floa
   }
 }
 
+// NaN-sticky min/max of x[0, n) over the thread's share of a grid-stride walk (first index i,
+// stride `stride` in vectors of V): four independent 128-bit loads in flight, then the vectors
+// left over, then the scalar tail n % V.
+template <typename T, int V>
+__device__ __forceinline__ void fold_strided(const T* __restrict__ x, int64_t n, int64_t i,
+                                             int64_t stride, float& mn, float& mx) {
+  const int64_t nvec = n / V;
+  const int64_t first = i;
+  for (; i + 3 * stride < nvec; i += 4 * stride) {
+    const Vec<T, V> a = load_vec<T, V>(x + i * V);
+    const Vec<T, V> b = load_vec<T, V>(x + (i + stride) * V);
+    const Vec<T, V> c = load_vec<T, V>(x + (i + 2 * stride) * V);
+    const Vec<T, V> d = load_vec<T, V>(x + (i + 3 * stride) * V);
+    fold_minmax(a, mn, mx);
+    fold_minmax(b, mn, mx);
+    fold_minmax(c, mn, mx);
+    fold_minmax(d, mn, mx);
+  }
+  for (; i < nvec; i += stride) fold_minmax(load_vec<T, V>(x + i * V), mn, mx);
+  if constexpr (V > 1) {
+    for (int64_t k = nvec * V + first; k < n; k += stride) fold_minmax(load_vec<T, 1>(x + k), mn, mx);
+  }
+}
+
 // Per-tensor min/max, pass 1: one NaN-sticky partial per block, four independent 128-bit
 // loads in flight per thread. Block 0 also snapshots the moving-average buffers (if given)
 // for pass 2, which overwrites them.
@@ -635,23 +733,8 @@ __global__ void __launch_bounds__(kThreads)
     minmax_partial_kernel(const T* __restrict__ x, int64_t n, float* __restrict__ partials,
                           const float* __restrict__ min_val, const float* __restrict__ max_val) {
   float mn = kInf, mx = -kInf;
-  auto fold = [&](const auto& in) { fold_minmax(in, mn, mx); };
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t nvec = n / V;
-  int64_t i = tid;
-  for (; i + 3 * nthreads < nvec; i += 4 * nthreads) {
-    const Vec<T, V> a = load_vec<T, V>(x + i * V);
-    const Vec<T, V> b = load_vec<T, V>(x + (i + nthreads) * V);
-    const Vec<T, V> c = load_vec<T, V>(x + (i + 2 * nthreads) * V);
-    const Vec<T, V> d = load_vec<T, V>(x + (i + 3 * nthreads) * V);
-    fold(a);
-    fold(b);
-    fold(c);
-    fold(d);
-  }
-  for (; i < nvec; i += nthreads) fold(load_vec<T, V>(x + i * V));
-  for (int64_t k = nvec * V + tid; k < n; k += nthreads) fold(load_vec<T, 1>(x + k));
+  fold_strided<T, V>(x, n, tid, static_cast<int64_t>(gridDim.x) * blockDim.x, mn, mx);
   block_minmax(mn, mx);
   if (threadIdx.x == 0) {
     partials[blockIdx.x] = mn;
@@ -665,40 +748,62 @@ __global__ void __launch_bounds__(kThreads)
 
 // Per-channel observer for channels that are contiguous segments of length L (axis 0 of a
 // contiguous weight): one block per channel finds min/max, computes the qparams and fake
-// quantizes the segment (second read from L2). Needs L % 8 == 0 when the mask is saved, so
-// that no mask byte is shared by two blocks.
-template <typename T>
+// quantizes the segment (second read from L2). V > 1 (128-bit accesses) only when x and out
+// are 16-byte aligned and L % V == 0, so every segment starts aligned; the fake quant runs
+// whole warp tiles of 32 x V elements, then 32-element scalar tiles for the rest. Needs
+// L % 8 == 0 when the mask is saved, so that no mask byte is shared by two blocks. Same
+// per-element math as fq_kernel; min/max is exact, so the load order changes no bit.
+template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
     minmax_fq_segment_kernel(const T* __restrict__ x, T* __restrict__ out,
-                             uint8_t* __restrict__ mask, int64_t L, int64_t C, int quant_min,
-                             int quant_max, bool symmetric, float eps, float* __restrict__ scale,
-                             int32_t* __restrict__ zero_point) {
+                             uint8_t* __restrict__ mask, int64_t L, int64_t C, QparamsOut qo) {
   using A = acc_t<T>;
+  constexpr int kLanesPerWord = 32 / V;
   __shared__ float s_qp[2];
-  const A qmin = static_cast<A>(quant_min), qmax = static_cast<A>(quant_max);
+  const A qmin = static_cast<A>(qo.quant_min), qmax = static_cast<A>(qo.quant_max);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int64_t ntiles = V > 1 ? L / (32 * V) : 0;  // whole vector tiles of a segment
+  const int64_t start = ntiles * (32 * V);           // a multiple of 32: whole mask words
   for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {  // block-uniform
     const T* xs = x + c * L;
     T* os = out + c * L;
     float mn = kInf, mx = -kInf;
-    for (int64_t j = threadIdx.x; j < L; j += blockDim.x) {
-      const float v = static_cast<float>(to_acc(xs[j]));
-      mn = nan_min(mn, v);
-      mx = nan_max(mx, v);
-    }
+    fold_strided<T, V>(xs, L, threadIdx.x, blockDim.x, mn, mx);
     block_minmax(mn, mx);
     if (threadIdx.x == 0) {
       float s;
       int32_t zp;
-      calc_qparams(mn, mx, quant_min, quant_max, symmetric, eps, &s, &zp);
-      scale[c] = s;
-      zero_point[c] = zp;
+      calc_qparams(mn, mx, qo.quant_min, qo.quant_max, qo.symmetric, qo.eps, &s, &zp);
+      qo.scale[c] = s;
+      qo.zero_point[c] = zp;
       s_qp[0] = s;
       s_qp[1] = static_cast<float>(zp);
     }
     __syncthreads();
     const A sc = s_qp[0], inv = static_cast<A>(__frcp_rn(s_qp[0])), zp = s_qp[1];
-    for (int64_t j0 = static_cast<int64_t>(warp) * 32; j0 < L; j0 += nwarps * 32) {  // warp-uniform
+    for (int64_t t = warp; t < ntiles; t += nwarps) {  // warp-uniform
+      const int64_t j = t * (32 * V) + static_cast<int64_t>(lane) * V;
+      const Vec<T, V> in = load_vec<T, V>(xs + j);
+      Vec<T, V> res;
+      uint32_t bits = 0;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        bool ok;
+        res.v[k] = from_acc<T>(fq_elem<A, false>(to_acc(in.v[k]), sc, inv, zp, qmin, qmax, ok));
+        bits |= static_cast<uint32_t>(ok) << k;
+      }
+      store_vec<T, V>(os + j, res);
+      if (mask != nullptr) {
+        // Word lane / kLanesPerWord of the tile; its lanes write one byte each (the segment
+        // starts on a byte boundary, not necessarily on a word one).
+        const uint32_t w = tile_mask_word<V>(bits, lane);
+        const int b = lane % kLanesPerWord;
+        if (b < 4)
+          mask[(c * L + t * (32 * V)) / 8 + (lane / kLanesPerWord) * 4 + b] =
+              static_cast<uint8_t>(w >> (8 * b));
+      }
+    }
+    for (int64_t j0 = start + static_cast<int64_t>(warp) * 32; j0 < L; j0 += nwarps * 32) {
       const int64_t j = j0 + lane;
       bool ok = false;
       if (j < L) os[j] = from_acc<T>(fq_elem<A, false>(to_acc(xs[j]), sc, inv, zp, qmin, qmax, ok));
@@ -717,11 +822,7 @@ __global__ void __launch_bounds__(kThreads)
 struct ChannelMinMaxOut {
   float* part_min = nullptr;
   float* part_max = nullptr;
-  int quant_min = 0, quant_max = 0;
-  bool symmetric = false;
-  float eps = 0.0f;
-  float* scale = nullptr;
-  int32_t* zero_point = nullptr;
+  QparamsOut q;
 };
 
 // Finish: the qparams of channel c; pass 1: its block's partial min/max (row blockIdx.y).
@@ -731,8 +832,7 @@ template <bool Finish>
 __device__ __forceinline__ void channel_minmax_store(const ChannelMinMaxOut& o, int64_t C,
                                                      int64_t c, float mn, float mx) {
   if constexpr (Finish) {
-    calc_qparams(mn, mx, o.quant_min, o.quant_max, o.symmetric, o.eps, o.scale + c,
-                 o.zero_point + c);
+    store_qparams(o.q, c, mn, mx);
   } else {
     o.part_min[blockIdx.y * C + c] = mn;
     o.part_max[blockIdx.y * C + c] = mx;
@@ -834,14 +934,36 @@ __global__ void __launch_bounds__(kThreads, 4)
   }
 }
 
+int64_t elementwise_cap() { return static_cast<int64_t>(sm_count()) * 8; }  // 2048 threads/SM
+
 int elementwise_blocks(int64_t work_items) {
-  const int64_t cap = static_cast<int64_t>(sm_count()) * 8;  // 2048 threads per SM
+  const int64_t cap = elementwise_cap();
   int64_t b = ceil_div(work_items, kThreads);
   if (b > cap) b = cap;
   return static_cast<int>(b < 1 ? 1 : b);
 }
 
 bool aligned16(const void* p) { return aligned_to(p, 16); }
+
+// Grid of the channels-innermost fake quant (fq_kernel Cols), or 0 where it cannot run: the
+// kernel needs each thread's V channels fixed, i.e. either one tile per warp at most (the
+// elementwise grid covers n) or a step (blocks x kThreads x V elements) that is a whole
+// number of rows of C, by rounding the grid up to a multiple of C / gcd(C, kThreads * V)
+// blocks; that multiple may be at most the elementwise cap (so the grid at most doubles).
+int64_t cols_grid(const FqLayout& l, int V) {
+  const int64_t C = l.channels;
+  if (l.inner != 1 || C < V || C >= (int64_t{1} << 31)) return 0;
+  const int64_t blocks = elementwise_blocks(ceil_div(l.n, V));
+  if (blocks * kThreads * V >= l.n) return blocks;
+  int64_t a = C, b = static_cast<int64_t>(kThreads) * V;  // gcd(C, kThreads * V)
+  while (b != 0) {
+    const int64_t r = a % b;
+    a = b;
+    b = r;
+  }
+  const int64_t m = C / a;
+  return m <= elementwise_cap() ? ceil_div(blocks, m) * m : 0;
+}
 
 int minmax_parts(int64_t n, int V) {
   int64_t b = ceil_div(n, static_cast<int64_t>(kThreads) * V * 4);
@@ -866,11 +988,13 @@ void dispatch(DType dt, F&& f) {
   }
 }
 
-template <typename T, int V, bool PerChannel, bool ZpBefore>
+// Cols: the grid from cols_grid (the kernel's precondition).
+template <typename T, int V, bool PerChannel, bool ZpBefore, bool Cols = false>
 void launch_fq(const T* x, T* out, uint8_t* mask, const FqLayout& l, const float* scale,
                const void* zp, bool zp_is_float, int qmin, int qmax, cudaStream_t stream) {
-  const int blocks = elementwise_blocks(ceil_div(l.n, V));
-  fq_kernel<T, V, PerChannel, ZpBefore><<<blocks, kThreads, 0, stream>>>(
+  const int64_t blocks = Cols ? cols_grid(l, V) : elementwise_blocks(ceil_div(l.n, V));
+  const unsigned grid = static_cast<unsigned>(blocks);
+  fq_kernel<T, V, PerChannel, ZpBefore, Cols><<<grid, kThreads, 0, stream>>>(
       x, out, mask, l, scale, zp, zp_is_float, qmin, qmax);
 }
 
@@ -882,13 +1006,23 @@ void launch_fq_any(const void* x, void* out, uint8_t* mask, const FqLayout& l,
   constexpr int V = 16 / sizeof(T);
   const T* xt = static_cast<const T*>(x);
   T* ot = static_cast<T*>(out);
-  // Per-channel vectors need inner >= V (at most two channels per vector); float64
-  // per-channel stays scalar (its vector variant spills around the fp64 rint/div calls).
+  // Per-channel vectors need inner >= V (at most two channels per vector) or the channels
+  // innermost with C >= V (Cols); float64 per-channel stays scalar (its vector variant spills
+  // around the fp64 rint/div calls).
   if constexpr (!PerChannel || sizeof(T) < 8) {
-    if (aligned16(x) && aligned16(out) && (!PerChannel || l.inner >= V)) {
-      launch_fq<T, V, PerChannel, ZpBefore>(xt, ot, mask, l, scale, zp, zp_is_float, qmin, qmax,
-                                            stream);
-      return;
+    if (aligned16(x) && aligned16(out)) {
+      if (!PerChannel || l.inner >= V) {
+        launch_fq<T, V, PerChannel, ZpBefore>(xt, ot, mask, l, scale, zp, zp_is_float, qmin,
+                                              qmax, stream);
+        return;
+      }
+      if constexpr (PerChannel) {
+        if (cols_grid(l, V) > 0) {
+          launch_fq<T, V, true, ZpBefore, true>(xt, ot, mask, l, scale, zp, zp_is_float, qmin,
+                                                qmax, stream);
+          return;
+        }
+      }
     }
   }
   launch_fq<T, 1, PerChannel, ZpBefore>(xt, ot, mask, l, scale, zp, zp_is_float, qmin, qmax,
@@ -909,6 +1043,20 @@ int launch_minmax_partials(const void* x, int64_t n, float* ws, const float* min
   const int parts = minmax_parts(n, 1);
   minmax_partial_kernel<T, 1><<<parts, kThreads, 0, stream>>>(xt, n, ws, min_val, max_val);
   return parts;
+}
+
+// The per-channel observer over contiguous segments of length L: 128-bit accesses when both
+// pointers are 16-byte aligned and every segment starts aligned (L % V == 0).
+template <typename T>
+void launch_segments(const void* x, void* out, uint8_t* mask, int64_t L, int64_t C, int grid,
+                     const QparamsOut& q, cudaStream_t stream) {
+  constexpr int V = 16 / sizeof(T);
+  const T* xt = static_cast<const T*>(x);
+  T* ot = static_cast<T*>(out);
+  if (aligned16(x) && aligned16(out) && L % V == 0)
+    minmax_fq_segment_kernel<T, V><<<grid, kThreads, 0, stream>>>(xt, ot, mask, L, C, q);
+  else
+    minmax_fq_segment_kernel<T, 1><<<grid, kThreads, 0, stream>>>(xt, ot, mask, L, C, q);
 }
 
 // Thread tile [rpb, tpr] (tpr * rpb == kThreads, tpr the smallest power of two covering
@@ -1122,13 +1270,15 @@ void fq_minmax_forward(DType dt, const void* x, void* out, uint8_t* mask, const 
                        int quant_min, int quant_max, bool symmetric, float eps, float* scale,
                        int32_t* zero_point, float* workspace, cudaStream_t stream) {
   if (l.n <= 0) return;  // the caller fills scale = 1, zero_point = 0
+  const QparamsOut q{quant_min, quant_max, symmetric, eps, scale, zero_point};
   dispatch(dt, [&](auto tag) {
     using T = decltype(tag);
     if (!l.per_channel) {
-      const MinMaxFinish fin = qparams_finish(
-          workspace, launch_minmax_partials<T>(x, l.n, workspace, nullptr, nullptr, stream), scale,
-          zero_point, symmetric, eps);
-      minmax_finish_kernel<<<1, kThreads, 0, stream>>>(fin, quant_min, quant_max);
+      MinMaxFinish fin;
+      fin.partials = workspace;
+      fin.nparts = launch_minmax_partials<T>(x, l.n, workspace, nullptr, nullptr, stream);
+      fin.q = q;
+      minmax_finish_kernel<<<1, kThreads, 0, stream>>>(fin);
       launch_fq_any<T, false, false>(x, out, mask, l, scale, zero_point, false, quant_min,
                                      quant_max, stream);
       return;
@@ -1137,18 +1287,11 @@ void fq_minmax_forward(DType dt, const void* x, void* out, uint8_t* mask, const 
     const int grid = static_cast<int>(l.channels < (1 << 30) ? l.channels : (1 << 30));
     const bool segments = l.inner == L;  // channel axis outermost in memory order
     if (segments && (mask == nullptr || L % 8 == 0)) {
-      minmax_fq_segment_kernel<T><<<grid, kThreads, 0, stream>>>(
-          static_cast<const T*>(x), static_cast<T*>(out), mask, L, l.channels, quant_min,
-          quant_max, symmetric, eps, scale, zero_point);
+      launch_segments<T>(x, out, mask, L, l.channels, grid, q, stream);
       return;
     }
     ChannelMinMaxOut o;
-    o.quant_min = quant_min;
-    o.quant_max = quant_max;
-    o.symmetric = symmetric;
-    o.eps = eps;
-    o.scale = scale;
-    o.zero_point = zero_point;
+    o.q = q;
     launch_channel_minmax<T>(static_cast<const T*>(x), l, o, workspace, stream);
     launch_fq_any<T, true, false>(x, out, mask, l, scale, zero_point, false, quant_min,
                                   quant_max, stream);
@@ -1167,14 +1310,15 @@ void fq_moving_average_forward(DType dt, const void* x, void* out, uint8_t* mask
   l.channels = 1;
   dispatch(dt, [&](auto tag) {
     using T = decltype(tag);
-    MinMaxFinish fin = qparams_finish(
-        workspace, launch_minmax_partials<T>(x, n, workspace, min_val, max_val, stream), scale,
-        zero_point, symmetric, eps);
+    MinMaxFinish fin;
+    fin.partials = workspace;
+    fin.nparts = launch_minmax_partials<T>(x, n, workspace, min_val, max_val, stream);
+    fin.q = QparamsOut{quant_min, quant_max, symmetric, eps, scale, zero_point};
     fin.moving_average = true;  // the EMA of the stored range, written back, feeds the qparams
     fin.averaging_constant = averaging_constant;
     fin.min_val = min_val;
     fin.max_val = max_val;
-    minmax_finish_kernel<<<1, kThreads, 0, stream>>>(fin, quant_min, quant_max);
+    minmax_finish_kernel<<<1, kThreads, 0, stream>>>(fin);
     launch_fq_any<T, false, false>(x, out, mask, l, scale, zero_point, false, quant_min,
                                    quant_max, stream);
   });
