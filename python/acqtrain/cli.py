@@ -234,14 +234,11 @@ def _teacher_for(cfg, progress=True):
                    "train one with `acq teacher`)")
 
 
-DATASET_SHAPE = {"digits": (1, 16), "cifar10": (3, 32), "cifar100": (3, 32), "imagenet": (3, 224)}
-
-
 def _eval_data(cfg, batch_size: int = 256):
-    from .data import load_dataset
+    from .data import image_shape, load_dataset
     if cfg.dataset == "digits" or cfg.data_dir:
-        if DATASET_SHAPE.get(cfg.dataset, cfg.input_shape) != cfg.input_shape:
-            c, s = DATASET_SHAPE[cfg.dataset]
+        if image_shape(cfg.dataset) != tuple(cfg.input_shape):
+            c, s = image_shape(cfg.dataset)
             raise AcqError(f"the evaluation data ({cfg.dataset}: {c}x{s}x{s} images) does not fit the model's "
                            f"input {cfg.input_shape[0]}x{cfg.input_shape[1]}x{cfg.input_shape[1]}; pass the "
                            "teacher's --dataset (or matching --image-size / --in-channels)")
@@ -438,7 +435,7 @@ def _input_shape(cfg) -> tuple[int, int, int]:
 
 
 def _eval_onnx(args) -> int:
-    from .data import CHANNELS
+    from .data import CHANNELS, image_shape
     from .export import onnx_session, onnx_run
     for flag in ("checkpoint", "model", "teacher_weights", "num_classes"):
         if getattr(args, flag) is not None:
@@ -458,7 +455,7 @@ def _eval_onnx(args) -> int:
     if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != CHANNELS[cfg.dataset]):
         raise AcqError(f"{args.onnx} takes input {shape} but dataset {cfg.dataset!r} has "
                        f"{CHANNELS[cfg.dataset]}-channel images")
-    c, size = DATASET_SHAPE[cfg.dataset]
+    c, size = image_shape(cfg.dataset)
     if any(isinstance(d, int) and d != size for d in shape[2:]):
         raise AcqError(f"{args.onnx} takes input {shape} but dataset {cfg.dataset!r} has {size}x{size} images")
     cfg.input_shape = (c, size)

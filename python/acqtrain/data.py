@@ -15,6 +15,12 @@ from .errors import AcqError
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000}
 CHANNELS = {"digits": 1, "cifar10": 3, "cifar100": 3, "imagenet": 3}  # image channels of each dataset
+IMAGE_SIZE = {"digits": 16, "cifar10": 32, "cifar100": 32, "imagenet": 224}  # as loaded for evaluation
+
+
+def image_shape(dataset: str) -> tuple[int, int]:
+    """(channels, image size) of the dataset's evaluation images."""
+    return CHANNELS[dataset], IMAGE_SIZE[dataset]
 DIGITS_TRAIN, DIGITS_TEST = 1400, 397
 _CIFAR_MEAN, _CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
