@@ -291,17 +291,25 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def newest_result(results_dir: str):
+    """(result, file name) of the newest *-qat-step*.json under results_dir, or None."""
+    import glob
+    files = glob.glob(os.path.join(results_dir, "*-qat-step*.json"))
+    if not files:
+        return None
+    loaded = [(json.load(open(f)), f) for f in files]
+    result, path = max(loaded, key=lambda rf: rf[0]["date"])
+    return result, os.path.basename(path)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.readme_only:
-        import glob
-        files = glob.glob(os.path.join(args.out, "*-qat-step*.json"))
-        if not files:
+        newest = newest_result(args.out)
+        if newest is None:
             print(f"no *-qat-step*.json under {args.out}")
             return 2
-        loaded = [(json.load(open(f)), f) for f in files]
-        result, path = max(loaded, key=lambda rf: rf[0]["date"])
-        update_readme(args.readme, readme_section(result, os.path.basename(path)))
+        update_readme(args.readme, readme_section(*newest))
         print(f"regenerated the qat-step section of {os.path.relpath(args.readme, ROOT)}")
         return 0
     result = run(args)

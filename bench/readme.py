@@ -75,6 +75,17 @@ def section(results_dir: str, readme_dir: str) -> str:
 
 
 def update(readme_path: str, results_dir: str) -> None:
+    """Regenerates the results section, and the QAT-step section from the newest
+    *-qat-step*.json (bench/qat_step.py) where the README has its markers."""
+    _update_section(readme_path, results_dir)
+    from bench import qat_step
+    text = open(readme_path).read() if os.path.exists(readme_path) else ""
+    newest = qat_step.newest_result(results_dir)
+    if newest and qat_step.START in text:
+        qat_step.update_readme(readme_path, qat_step.readme_section(*newest))
+
+
+def _update_section(readme_path: str, results_dir: str) -> None:
     text = open(readme_path).read() if os.path.exists(readme_path) else ""
     new = section(results_dir, os.path.dirname(os.path.abspath(readme_path)))
     if START in text and END in text:

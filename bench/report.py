@@ -120,7 +120,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smaller batches, shorter timing (CPU: ~3 min)")
     p.add_argument("--families", nargs="+", default=None,
-                   help="fake_quant attention bn_stats acq_step (default: all)")
+                   help="fake_quant attention bn_stats acq_step (default: all); qat_step (opt-in: "
+                        "the QAT-step benchmark of bench/qat_step.py, its own JSON and README section)")
     p.add_argument("--cases", default=None, help="regex on case names")
     p.add_argument("--out", default=RESULTS_DIR, help="folder for the JSON and PNG")
     p.add_argument("--tag", default=None,
@@ -261,9 +262,31 @@ def write(result: dict, out_dir: str, chart: bool = True) -> tuple[str, str | No
     return path, png
 
 
+def _run_qat_step(args) -> None:
+    """The QAT-step benchmark (bench/qat_step.py) with this run's size, compile and device."""
+    from bench import qat_step
+    argv = (["--quick"] if args.quick else []) + ([] if args.compile else ["--no-compile"])
+    argv += (["--device", args.device] if args.device else []) + ["--out", args.out, "--no-readme"]
+    if args.rounds:
+        argv += ["--rounds", str(args.rounds)]
+    qargs = qat_step.parse_args(argv)
+    result = qat_step.run(qargs)
+    path = qat_step.write(result, args.out)
+    print()
+    print(qat_step.table(result))
+    print(f"\nwrote {os.path.relpath(path, ROOT)}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from bench import readme, tables
+    qat = bool(args.families) and "qat_step" in args.families
+    if qat:
+        args.families = [f for f in args.families if f != "qat_step"] or None
+        if not args.readme_only:
+            _run_qat_step(args)
+        if args.families is None and not args.cases:  # only the QAT step was asked for
+            args.readme_only = True
     if not args.readme_only:
         result = run(args, on_progress=lambda partial: write(partial, args.out, chart=False))
         path, png = write(result, args.out)

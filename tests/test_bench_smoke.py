@@ -137,3 +137,13 @@ def test_qat_step_benchmark(tmp_path):
     qat_step.update_readme(str(readme), qat_step.readme_section(result, "x.json"))
     text = readme.read_text()
     assert "old" not in text and "| resnet20 B=2 16px | eager |" in text and text.endswith("outro\n")
+    # bench.report's README regeneration refreshes this section too, from the newest file
+    from bench import readme as bench_readme
+    results = tmp_path / "results"
+    qat_step.write(result, str(results))
+    both = tmp_path / "BOTH.md"
+    both.write_text(f"# x\n{qat_step.START}\nstale\n{qat_step.END}\n")
+    bench_readme.update(str(both), str(results))
+    text = both.read_text()
+    assert "stale" not in text and "| resnet20 B=2 16px | eager |" in text
+    assert text.count(bench_readme.START) == 1  # the results section (no bench.report JSON here)
