@@ -308,10 +308,6 @@ class FakeQuant(TorchaoCompatible, FakeQuantize):
         args = _observe_args(self.activation_post_process, channels, self.scale,
                              self.zero_point, p)
         x = _dense(X)
-        if _ops.compile_decomposes() and (p.clipped or not quantize):
-            _ops.traced_observe(x, *args)
-            return _ops.TracedFakeQuant.apply(x, self.scale, self.zero_point, p.quant_min,
-                                              p.quant_max, p.axis) if quantize else X
         if not quantize:
             _ops.fake_quant_observe(x.detach(), *args, False, False)
             return X
@@ -335,9 +331,6 @@ class FakeQuant(TorchaoCompatible, FakeQuantize):
                              f"x has {channels} channels along ch_axis {p.axis}: enable the "
                              "observer for a step or load a state dict first")
         x = _dense(X)
-        if _ops.compile_decomposes() and p.clipped:
-            return _ops.TracedFakeQuant.apply(x, self.scale, self.zero_point, p.quant_min,
-                                              p.quant_max, p.axis)
         train_op = _ops.fixed_train_op(x)
         if train_op is not None:  # eager: one C++ call, autograd included
             return train_op(x, self.scale, self.zero_point, p.quant_min, p.quant_max, p.axis,

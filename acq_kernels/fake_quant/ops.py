@@ -300,47 +300,6 @@ def fixed_train_op(x: Tensor):
     return _extension_op("fq_forward_train")
 
 
-# --- torch.compile: the fake quant as torch ops that inductor fuses ------------------------
-
-def compile_decomposes() -> bool:
-    """Under torch.compile (not torch.export, whose graphs keep the custom ops that the ONNX
-    and PT2E flows recognise): FakeQuant is written in torch ops, so inductor fuses the
-    observer's reduction, the qparams and the clipped-STE fake quant with the neighbouring
-    ops instead of calling one opaque op per site."""
-    if not torch.compiler.is_compiling():
-        return False
-    exporting = getattr(torch.compiler, "is_exporting", None)
-    return not (exporting is not None and exporting())
-
-
-class TracedFakeQuant(torch.autograd.Function):
-    """The clipped-STE fake quant in torch ops (reference._quantize: the same expressions as
-    the kernels, bitwise torch's op in eager); backward grad * in-range mask."""
-
-    @staticmethod
-    def forward(ctx, x, scale, zero_point, quant_min, quant_max, axis):
-        out, in_range = reference._quantize(x, scale, zero_point, quant_min, quant_max, axis)
-        ctx.save_for_backward(in_range)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (in_range,) = ctx.saved_tensors
-        return grad * in_range, None, None, None, None, None
-
-
-def traced_observe(x: Tensor, min_val: Tensor, max_val: Tensor, scale: Tensor,
-                   zero_point: Tensor, axis: int, averaging_constant: float, moving_average: bool,
-                   quant_min: int, quant_max: int, symmetric: bool, symmetric_zero_point: int,
-                   eps: float) -> None:
-    """The observer step and its qparams in torch ops, state updated in place (the reference
-    of fake_quant_observe, which torch.compile functionalises)."""
-    with torch.no_grad():
-        reference.fq_observe_forward(x.detach(), min_val, max_val, scale, zero_point, axis,
-                                     averaging_constant, moving_average, quant_min, quant_max,
-                                     symmetric, symmetric_zero_point, eps, False, False)
-
-
 # the eager C++ autograd ops and the backend kernel each one runs
 _TRAIN_OPS = {"fq_observe_train": "fq_observe_forward", "fq_forward_train": "fq_forward"}
 
