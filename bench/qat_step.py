@@ -83,6 +83,19 @@ def qat_model(name: str, variant: str) -> nn.Module:
         return tq.prepare_qat(model)
 
 
+def _room_for_every_variant() -> None:
+    """The variants share their models' code objects (BasicBlock.forward, torch.ao's hooks), and
+    torch's FakeQuantize modules recompile per instance; with dynamo's default recompile limit
+    the variants compiled last would fall back to eager for frames the earlier ones used up.
+    Each variant gets the compiled code it would get alone in a process."""
+    cfg = torch._dynamo.config
+    for name, value in (("recompile_limit", 4096), ("cache_size_limit", 4096),
+                        ("accumulated_recompile_limit", 65536),
+                        ("accumulated_cache_size_limit", 65536)):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), value))
+
+
 class Step:
     """One model's training step: forward, cross-entropy, backward, SGD with momentum."""
 
@@ -94,6 +107,8 @@ class Step:
         self.x = torch.randn(batch, 3, size, size, generator=g).to(device)
         self.y = torch.randint(0, classes, (batch,), generator=g).to(device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+        if compiled:
+            _room_for_every_variant()
         self.forward = torch.compile(self.model) if compiled else self.model
         self.device = device
 
@@ -179,8 +194,8 @@ def run(args, log=print) -> dict:
         full_b, quick_b, img = MODELS[name]
         batch = 2 if args.tiny else quick_b if args.quick else full_b
         img = 32 if args.tiny else img
-        modes = [False] + ([True] if args.compile and (not args.quick or name == "resnet20")
-                           else [])
+        compile_models = args.compile_models or (["resnet20"] if args.quick else list(MODELS))
+        modes = [False] + ([True] if args.compile and name in compile_models else [])
         for compiled in modes:
             log(f"- {name} B={batch} {img}x{img} {'torch.compile' if compiled else 'eager'}")
             rows += measure(name, batch, img, device, compiled, rounds, warmup, log)
@@ -281,6 +296,8 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke test
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--compile-models", nargs="+", default=None, choices=list(MODELS),
+                   help="models also timed under torch.compile (default: all; --quick: resnet20)")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=RESULTS_DIR)
