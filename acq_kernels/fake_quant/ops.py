@@ -287,7 +287,7 @@ def _no_python_modes() -> bool:
 def observe_train_op(x: Tensor):
     """acq_kernels_C::fq_observe_train (fake_quant_observe + the clipped STE's autograd in one
     C++ call, the module's eager hot path) when the extension runs this call, else None."""
-    if _observe_impl(x) is not _extension_op("fq_observe_forward") or not _no_python_modes():
+    if not _no_python_modes() or _observe_impl(x) is not _extension_op("fq_observe_forward"):
         return None
     return _extension_op("fq_observe_train")
 
@@ -295,7 +295,7 @@ def observe_train_op(x: Tensor):
 def fixed_train_op(x: Tensor):
     """acq_kernels_C::fq_forward_train (fake_quant with its autograd in C++) when the
     extension runs this call, else None."""
-    if _impl(x, "fq_forward") is not _extension_op("fq_forward") or not _no_python_modes():
+    if not _no_python_modes() or _impl(x, "fq_forward") is not _extension_op("fq_forward"):
         return None
     return _extension_op("fq_forward_train")
 
