@@ -76,3 +76,25 @@ def test_fake_quant_streaming_specs_claim_no_aligned_sizes():
         elif s.streaming and s.name.startswith(("fq_", "minmax_")):
             sizes = [a for a in s.aligned if not s.signature[a].startswith("*")]
             assert not sizes, (s.name, sizes)
+
+
+def _by_name(results, prefix):
+    return {r["name"]: r for r in results if r["name"].startswith(prefix)}
+
+
+def test_per_channel_plane_kernels_do_not_divide_per_element(compiled):
+    """Per-channel LSQ backward and the min/max partials of a channel that is not one
+    contiguous range (NCHW axis 1) walk [rows, run] tiles of each channel: no integer divide
+    or modulo and no IEEE division inside their loops (1/scale and the program split once per
+    program), and 128-bit loads in the loop where the run is a whole number of vectors (14x14
+    fp32, 28x28 bf16 -- sizes not declared 16-divisible)."""
+    arch, results = compiled
+    for prefix in ("fq_lsq_backward[", "minmax_channel_partials[", "fq_lsq_backward_cinner[",
+                   "minmax_cinner_partials["):
+        rs = _by_name(results, prefix)
+        assert rs, prefix
+        for r in rs.values():
+            assert r["loop_loads"], r
+            assert not r["loop_int_div"] and not r["loop_div_rn"], (arch, r)
+            if "odd_run" not in r["name"]:
+                assert r["loop_128bit_loads"], (arch, r)

@@ -13,7 +13,9 @@ Bandwidth: flat kernels take an unmasked path for full blocks (128-bit accesses 
 see tests/test_aot.py) and a masked one for the tail block. Per-channel fake quant picks its
 geometry on the host: channel runs >= BLOCK (weights' axis 0, NCHW) -> flat blocks meeting at
 most two channels (SPAN2); shorter runs -> [rows, channel period] tiles with per-column qparams
-(fq_forward_period_kernel); channel-innermost reductions read [rows, channels] tiles.
+(fq_forward_period_kernel); channel-innermost reductions read [rows, channels] tiles; other
+per-channel reductions (LSQ backward, NCHW axis-1 min/max) read [rows, run] tiles of the
+[outer, C, run] view, so no element needs an integer divide to find its channel.
 """
 from __future__ import annotations
 
@@ -209,78 +211,93 @@ def fq_mask_backward_kernel(g_ptr, mask_ptr, out_ptr, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _channel_offsets(m, c, CH_STRIDE, NUM_CH, PER_CHANNEL: tl.constexpr):
-    """Memory offset of the m-th element of channel c (x seen as [outer, NUM_CH, CH_STRIDE])."""
-    if PER_CHANNEL:
-        return (m // CH_STRIDE) * (CH_STRIDE * NUM_CH) + c * CH_STRIDE + (m % CH_STRIDE)
-    else:
-        return m
-
-
-@triton.jit
-def _lsq_block(g_ptr, x_ptr, dx_ptr, m, valid, c, s, inv, zp, ds_lo, ds_hi, qmin, qmax,
-               grad_factor, acc_s, acc_z, CH_STRIDE, NUM_CH, PER_CHANNEL: tl.constexpr,
-               MASKED: tl.constexpr):
-    """One block of the LSQ backward: writes dx, returns the updated dscale/dzp sums."""
-    o = _channel_offsets(m, c, CH_STRIDE, NUM_CH, PER_CHANNEL)
-    if MASKED:
-        x = tl.load(x_ptr + o, mask=valid, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + o, mask=valid, other=0.0).to(tl.float32)
-    else:
-        x = tl.load(x_ptr + o).to(tl.float32)
-        g = tl.load(g_ptr + o).to(tl.float32)
+def _lsq_math(x, g, s, inv, zp, ds_lo, ds_hi, qmin, qmax, grad_factor):
+    """Per element of the LSQ backward (torch's learnable fake-quant kernels): (dx in fp32,
+    the dscale term, the dzero_point term -- 0 where x is in range)."""
     q = _rne(zp + x * inv)  # torch's backward adds the zero point before rounding
     lo = q < qmin
     hi = q > qmax
     in_range = (q >= qmin) & (q <= qmax)
-    dx = _round_to(g * in_range.to(tl.float32), dx_ptr.dtype.element_ty)
-    if MASKED:
-        tl.store(dx_ptr + o, dx, mask=valid)
-    else:
-        tl.store(dx_ptr + o, dx)
+    dx = g * in_range.to(tl.float32)
     qc = tl.where(lo, qmin, tl.where(hi, qmax, q))
     xfq = (qc - zp) * s
     ds_in = g * (xfq - x) * inv * grad_factor
     ds_out = tl.where(lo, g * ds_lo, g * ds_hi) * grad_factor
     dz_out = g * -1.0 * s * grad_factor
     clipped = lo | hi
-    acc_s += tl.where(valid, tl.where(clipped, ds_out, ds_in), 0.0)
-    acc_z += tl.where(valid & clipped, dz_out, 0.0)
+    return dx, tl.where(clipped, ds_out, ds_in), tl.where(clipped, dz_out, 0.0)
+
+
+@triton.jit
+def _lsq_tile(g_ptr, x_ptr, dx_ptr, offs, valid, s, inv, zp, ds_lo, ds_hi, qmin, qmax,
+              grad_factor, acc_s, acc_z, MASKED: tl.constexpr):
+    """One tile of the LSQ backward: writes dx, returns the updated dscale/dzp sums.
+    MASKED=False: a full tile, unmasked loads and stores (vectorised where offs allow)."""
+    if MASKED:
+        x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + offs).to(tl.float32)
+        g = tl.load(g_ptr + offs).to(tl.float32)
+    dx, ds, dz = _lsq_math(x, g, s, inv, zp, ds_lo, ds_hi, qmin, qmax, grad_factor)
+    dx = _round_to(dx, dx_ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(dx_ptr + offs, dx, mask=valid)
+        acc_s += tl.where(valid, ds, 0.0)
+        acc_z += tl.where(valid, dz, 0.0)
+    else:
+        tl.store(dx_ptr + offs, dx)
+        acc_s += ds
+        acc_z += dz
     return acc_s, acc_z
 
 
 @triton.jit
-def fq_lsq_backward_kernel(g_ptr, x_ptr, dx_ptr, scale_ptr, zp_ptr, part_ptr, M, CH_STRIDE,
-                           NUM_CH, qmin, qmax, grad_factor, PER_CHANNEL: tl.constexpr,
-                           BLOCK: tl.constexpr):
-    """LSQ backward (torch's learnable fake-quant kernels). Grid (channels, P): program (c, p)
-    strides over channel c's M elements; dscale/dzero_point partial sums go to
-    part_ptr[p, c] and part_ptr[P, C] + [p, c]. zp_ptr holds the zero point already rounded and
-    clamped the way torch's backward does (float)."""
+def fq_lsq_backward_kernel(g_ptr, x_ptr, dx_ptr, scale_ptr, zp_ptr, part_ptr, OUTER, INNER,
+                           NUM_CH, P_I, qmin, qmax, grad_factor, PER_CHANNEL: tl.constexpr,
+                           BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, VEC: tl.constexpr):
+    """LSQ backward over x seen as [OUTER, NUM_CH, INNER] (per tensor: [1, 1, numel]). Grid
+    (NUM_CH, P), P = P_O * P_I: program (c, p) walks channel c's [OUTER, INNER] plane in
+    [BLOCK_O, BLOCK_I] tiles, rows p // P_I + k P_O and column blocks p % P_I + k P_I, so
+    no element needs an integer divide to find its channel; full tiles are unmasked. dscale /
+    dzero_point partial sums go to part_ptr[p, c] and part_ptr[P, C] + [p, c]. zp_ptr holds the
+    zero point already rounded and clamped the way torch's backward does (float).
+    PER_CHANNEL=False (OUTER = NUM_CH = 1): offsets are the column index alone, so full
+    tiles vectorise whatever numel is. INNER comes in units of VEC (see _plane_vec)."""
+    INNER = INNER * VEC
     c = tl.program_id(0)
     p = tl.program_id(1)
     P = tl.num_programs(1)
+    P_O = P // P_I
+    p_o = p // P_I
+    p_i = p % P_I
     s = tl.load(scale_ptr + c)
     zp = tl.load(zp_ptr + c)
     inv = tl.math.div_rn(1.0, s)
     ds_lo = qmin - zp
     ds_hi = qmax - zp
-    acc_s = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_z = tl.zeros([BLOCK], dtype=tl.float32)
-    # full blocks unmasked (vectorised), then the tail block (if any) masked, by one program
-    m_full = M // BLOCK * BLOCK
-    for start in tl.range(p * BLOCK, m_full, P * BLOCK):
-        m = start + tl.arange(0, BLOCK)
-        acc_s, acc_z = _lsq_block(g_ptr, x_ptr, dx_ptr, m, m < M, c, s, inv, zp, ds_lo, ds_hi,
-                                  qmin, qmax, grad_factor, acc_s, acc_z, CH_STRIDE, NUM_CH,
-                                  PER_CHANNEL, False)
-    if (m_full < M) & (p == (m_full // BLOCK) % P):
-        m = m_full + tl.arange(0, BLOCK)
-        acc_s, acc_z = _lsq_block(g_ptr, x_ptr, dx_ptr, m, m < M, c, s, inv, zp, ds_lo, ds_hi,
-                                  qmin, qmax, grad_factor, acc_s, acc_z, CH_STRIDE, NUM_CH,
-                                  PER_CHANNEL, True)
-    tl.store(part_ptr + p * NUM_CH + c, tl.sum(acc_s, axis=0))
-    tl.store(part_ptr + (P + p) * NUM_CH + c, tl.sum(acc_z, axis=0))
+    row_stride = NUM_CH * INNER
+    acc_s = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
+    acc_z = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
+    for o0 in tl.range(p_o * BLOCK_O, OUTER, P_O * BLOCK_O):
+        o = o0 + tl.arange(0, BLOCK_O)
+        ov = o < OUTER
+        if PER_CHANNEL:  # masked rows: no offset past N
+            row = tl.where(ov, o, 0)[:, None] * row_stride + c * INNER
+        else:
+            row = tl.zeros([BLOCK_O, 1], dtype=tl.int32)
+        for i0 in tl.range(p_i * BLOCK_I, INNER, P_I * BLOCK_I):
+            i = i0 + tl.arange(0, BLOCK_I)
+            offs = row + i[None, :]
+            valid = ov[:, None] & (i < INNER)[None, :]
+            if (o0 + BLOCK_O <= OUTER) & (i0 + BLOCK_I <= INNER):
+                acc_s, acc_z = _lsq_tile(g_ptr, x_ptr, dx_ptr, offs, valid, s, inv, zp, ds_lo,
+                                         ds_hi, qmin, qmax, grad_factor, acc_s, acc_z, False)
+            else:
+                acc_s, acc_z = _lsq_tile(g_ptr, x_ptr, dx_ptr, offs, valid, s, inv, zp, ds_lo,
+                                         ds_hi, qmin, qmax, grad_factor, acc_s, acc_z, True)
+    tl.store(part_ptr + p * NUM_CH + c, tl.sum(tl.sum(acc_s, axis=1), axis=0))
+    tl.store(part_ptr + (P + p) * NUM_CH + c, tl.sum(tl.sum(acc_z, axis=1), axis=0))
 
 
 @triton.jit
@@ -317,23 +334,19 @@ def _qparams(mn, mx, qmin, qmax, eps, zp_sym, SYMMETRIC: tl.constexpr,
 
 
 @triton.jit
-def fq_minmax_channel_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, zp_ptr, M, CH_STRIDE, NUM_CH,
-                             qmin, qmax, eps, zp_sym, SYMMETRIC: tl.constexpr,
-                             FUSED: tl.constexpr, SAVE_MASK: tl.constexpr,
-                             SINGLE: tl.constexpr, BLOCK: tl.constexpr,
-                             RECIP: tl.constexpr):
-    """One program per channel: min/max over the channel's M elements, qparams, and (FUSED:
-    the channel is one contiguous memory range, e.g. axis 0 of a weight) the fake quant of
-    the channel. SINGLE: the channel fits one block, so x is read exactly once."""
+def fq_minmax_channel_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, zp_ptr, M, qmin, qmax, eps,
+                             zp_sym, SYMMETRIC: tl.constexpr, SAVE_MASK: tl.constexpr,
+                             SINGLE: tl.constexpr, BLOCK: tl.constexpr, RECIP: tl.constexpr):
+    """One program per channel of an x whose channels are contiguous memory ranges of M
+    elements (axis 0 of a weight): min/max over the channel, qparams, and the fake quant of
+    the channel, in one launch. SINGLE: the channel fits one block, so x is read exactly
+    once. With SAVE_MASK the launcher ensures M % 8 == 0 (each channel owns whole bytes)."""
     c = tl.program_id(0)
+    base = c * M
     if SINGLE:
         m = tl.arange(0, BLOCK)
         valid = m < M
-        if FUSED:
-            o = c * M + m  # the channel is one contiguous range: no per-element divide
-        else:
-            o = _channel_offsets(m, c, CH_STRIDE, NUM_CH, True)
-        x = tl.load(x_ptr + o, mask=valid, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + base + m, mask=valid, other=0.0).to(tl.float32)
         mn = tl.min(tl.where(valid, x, float("inf")), axis=0)
         mx = tl.max(tl.where(valid, x, float("-inf")), axis=0)
     else:
@@ -342,11 +355,7 @@ def fq_minmax_channel_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, zp_ptr, M, CH_
         for start in tl.range(0, M, BLOCK):
             m = start + tl.arange(0, BLOCK)
             valid = m < M
-            if FUSED:
-                o = c * M + m
-            else:
-                o = _channel_offsets(m, c, CH_STRIDE, NUM_CH, True)
-            x = tl.load(x_ptr + o, mask=valid, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + base + m, mask=valid, other=0.0).to(tl.float32)
             vmin = tl.minimum(vmin, tl.where(valid, x, float("inf")))
             vmax = tl.maximum(vmax, tl.where(valid, x, float("-inf")))
         mn = tl.min(vmin, axis=0)
@@ -354,26 +363,62 @@ def fq_minmax_channel_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, zp_ptr, M, CH_
     scale, zp = _qparams(mn, mx, qmin, qmax, eps, zp_sym, SYMMETRIC, RECIP)
     tl.store(scale_ptr + c, scale)
     tl.store(zp_ptr + c, zp.to(tl.int32))
-    if FUSED:
-        inv = tl.math.div_rn(1.0, scale)
-        byte_end = ((c + 1) * M) // 8  # M % 8 == 0 with a mask: the channel owns whole bytes
-        if SINGLE:
+    inv = tl.math.div_rn(1.0, scale)
+    byte_end = (base + M) // 8
+    if SINGLE:
+        out, in_range = _fq_math(x, scale, inv, zp, qmin, qmax)
+        tl.store(out_ptr + base + m, _round_to(out, out_ptr.dtype.element_ty), mask=valid)
+        if SAVE_MASK:
+            _store_mask_bytes(mask_ptr, base // 8, (in_range & valid).to(tl.int32), byte_end,
+                              BLOCK)
+    else:
+        for start in tl.range(0, M, BLOCK):
+            m = start + tl.arange(0, BLOCK)
+            valid = m < M
+            x = tl.load(x_ptr + base + m, mask=valid, other=0.0).to(tl.float32)
             out, in_range = _fq_math(x, scale, inv, zp, qmin, qmax)
-            tl.store(out_ptr + c * M + m, _round_to(out, out_ptr.dtype.element_ty), mask=valid)
+            tl.store(out_ptr + base + m, _round_to(out, out_ptr.dtype.element_ty), mask=valid)
             if SAVE_MASK:
-                _store_mask_bytes(mask_ptr, (c * M) // 8,
+                _store_mask_bytes(mask_ptr, (base + start) // 8,
                                   (in_range & valid).to(tl.int32), byte_end, BLOCK)
-        else:
-            for start in tl.range(0, M, BLOCK):
-                m = start + tl.arange(0, BLOCK)
-                valid = m < M
-                x = tl.load(x_ptr + c * M + m, mask=valid, other=0.0).to(tl.float32)
-                out, in_range = _fq_math(x, scale, inv, zp, qmin, qmax)
-                tl.store(out_ptr + c * M + m, _round_to(out, out_ptr.dtype.element_ty),
-                         mask=valid)
-                if SAVE_MASK:
-                    _store_mask_bytes(mask_ptr, (c * M + start) // 8,
-                                      (in_range & valid).to(tl.int32), byte_end, BLOCK)
+
+
+@triton.jit
+def minmax_channel_partials_kernel(x_ptr, part_ptr, OUTER, INNER, NUM_CH, P_I,
+                                   BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+                                   VEC: tl.constexpr):
+    """Per-channel min/max partials of x seen as [OUTER, NUM_CH, INNER] (NCHW axis 1 and any
+    channel that is not one contiguous range), tiled as fq_lsq_backward_kernel: program (c, p)
+    writes part[p, c] (min) and part[P + p, c] (max); no per-element integer divide; full
+    tiles unmasked. minmax_part_qparams_kernel reduces the partials. INNER comes in units of
+    VEC."""
+    INNER = INNER * VEC
+    c = tl.program_id(0)
+    p = tl.program_id(1)
+    P = tl.num_programs(1)
+    P_O = P // P_I
+    p_o = p // P_I
+    p_i = p % P_I
+    row_stride = NUM_CH * INNER
+    vmin = tl.full([BLOCK_O, BLOCK_I], float("inf"), tl.float32)
+    vmax = tl.full([BLOCK_O, BLOCK_I], float("-inf"), tl.float32)
+    for o0 in tl.range(p_o * BLOCK_O, OUTER, P_O * BLOCK_O):
+        o = o0 + tl.arange(0, BLOCK_O)
+        ov = o < OUTER
+        row = tl.where(ov, o, 0)[:, None] * row_stride + c * INNER
+        for i0 in tl.range(p_i * BLOCK_I, INNER, P_I * BLOCK_I):
+            i = i0 + tl.arange(0, BLOCK_I)
+            if (o0 + BLOCK_O <= OUTER) & (i0 + BLOCK_I <= INNER):
+                x = tl.load(x_ptr + row + i[None, :]).to(tl.float32)
+                vmin = tl.minimum(vmin, x)
+                vmax = tl.maximum(vmax, x)
+            else:
+                valid = ov[:, None] & (i < INNER)[None, :]
+                x = tl.load(x_ptr + row + i[None, :], mask=valid, other=0.0).to(tl.float32)
+                vmin = tl.minimum(vmin, tl.where(valid, x, float("inf")))
+                vmax = tl.maximum(vmax, tl.where(valid, x, float("-inf")))
+    tl.store(part_ptr + p * NUM_CH + c, tl.min(tl.min(vmin, axis=1), axis=0))
+    tl.store(part_ptr + (P + p) * NUM_CH + c, tl.max(tl.max(vmax, axis=1), axis=0))
 
 
 @triton.jit
@@ -465,22 +510,8 @@ def fq_lsq_backward_cinner_kernel(g_ptr, x_ptr, dx_ptr, scale_ptr, zp_ptr, part_
         r = r0 + tl.arange(0, BLOCK_R)
         valid = (r < R)[:, None] & cv[None, :]
         o = tl.where(r < R, r, 0)[:, None] * C + c[None, :]
-        x = tl.load(x_ptr + o, mask=valid, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + o, mask=valid, other=0.0).to(tl.float32)
-        q = _rne(zp + x * inv)  # torch's backward adds the zero point before rounding
-        lo = q < qmin
-        hi = q > qmax
-        in_range = (q >= qmin) & (q <= qmax)
-        tl.store(dx_ptr + o, _round_to(g * in_range.to(tl.float32), dx_ptr.dtype.element_ty),
-                 mask=valid)
-        qc = tl.where(lo, qmin, tl.where(hi, qmax, q))
-        xfq = (qc - zp) * s
-        ds_in = g * (xfq - x) * inv * grad_factor
-        ds_out = tl.where(lo, g * ds_lo, g * ds_hi) * grad_factor
-        dz_out = g * -1.0 * s * grad_factor
-        clipped = lo | hi
-        acc_s += tl.where(valid, tl.where(clipped, ds_out, ds_in), 0.0)
-        acc_z += tl.where(valid & clipped, dz_out, 0.0)
+        acc_s, acc_z = _lsq_tile(g_ptr, x_ptr, dx_ptr, o, valid, s, inv, zp, ds_lo, ds_hi, qmin,
+                                 qmax, grad_factor, acc_s, acc_z, True)
     tl.store(part_ptr + p * C + c, tl.sum(acc_s, axis=0), mask=cv)
     tl.store(part_ptr + (P + p) * C + c, tl.sum(acc_z, axis=0), mask=cv)
 
@@ -508,11 +539,11 @@ def minmax_cinner_partials_kernel(x_ptr, part_ptr, R, C, BLOCK_R: tl.constexpr,
 
 
 @triton.jit
-def minmax_cinner_qparams_kernel(part_ptr, P, C, scale_ptr, zp_ptr, qmin, qmax, eps, zp_sym,
+def minmax_part_qparams_kernel(part_ptr, P, C, scale_ptr, zp_ptr, qmin, qmax, eps, zp_sym,
                                  SYMMETRIC: tl.constexpr, RECIP: tl.constexpr,
                                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Reduces the [P, C] partials of minmax_cinner_partials_kernel to per-channel qparams;
-    grid (cdiv(C, BLOCK_C),)."""
+    """Reduces the [P, C] partials of minmax_cinner_partials_kernel or
+    minmax_channel_partials_kernel to per-channel qparams; grid (cdiv(C, BLOCK_C),)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cv = c < C
     vmin = tl.full([BLOCK_P, BLOCK_C], float("inf"), tl.float32)
@@ -572,20 +603,41 @@ def _aot_specs() -> list:
                        "BLOCK": "constexpr"},
             constexprs={"BLOCK": BLOCK}, aligned=("g_ptr", "mask_ptr", "out_ptr"),
             streaming=True, num_warps=NUM_WARPS))
-        for per_channel in (False, True):
-            # per-channel walks a channel's (possibly strided) elements: not provably
-            # vectorisable, so only the per-tensor variant carries the streaming check
+        # LSQ backward / min-max partials over [OUTER, NUM_CH, INNER] planes: per tensor (one
+        # [1, numel] plane, odd numel), per channel with a run that is a whole number of
+        # vectors but not 16-divisible (NCHW 14x14 fp32, 28x28 bf16: INNER in units of VEC),
+        # and per channel with an odd run (NCHW 7x7 = 49: scalar loads, but no divide per
+        # element either way)
+        run = 196 if tn == "fp32" else 784
+        vec = 16 // (4 if tn == "fp32" else 2)
+        for mode, (bo, bi, v) in (("per_tensor", (1, RED_BLOCK, 1)),
+                                  ("per_channel_vec", (2048 // 256 if tn == "fp32" else 2,
+                                                       256 if tn == "fp32" else 1024, vec)),
+                                  ("per_channel_odd_run", (32, 64, 1))):
             specs.append(spec(
-                name=f"fq_lsq_backward[{tn},{'per_channel' if per_channel else 'per_tensor'}]",
-                kernel=fq_lsq_backward_kernel,
+                name=f"fq_lsq_backward[{tn},{mode}]", kernel=fq_lsq_backward_kernel,
                 signature={"g_ptr": tp, "x_ptr": tp, "dx_ptr": tp, "scale_ptr": "*fp32",
-                           "zp_ptr": "*fp32", "part_ptr": "*fp32", "M": "i32",
-                           "CH_STRIDE": "i32", "NUM_CH": "i32", "qmin": "fp32", "qmax": "fp32",
-                           "grad_factor": "fp32", "PER_CHANNEL": "constexpr",
-                           "BLOCK": "constexpr"},
-                constexprs={"PER_CHANNEL": per_channel, "BLOCK": RED_BLOCK},
-                aligned=("g_ptr", "x_ptr", "dx_ptr") + (("M",) if per_channel else ()),
-                streaming=not per_channel, num_warps=NUM_WARPS))
+                           "zp_ptr": "*fp32", "part_ptr": "*fp32", "OUTER": "i32",
+                           "INNER": "i32", "NUM_CH": "i32", "P_I": "i32", "qmin": "fp32",
+                           "qmax": "fp32", "grad_factor": "fp32", "PER_CHANNEL": "constexpr",
+                           "BLOCK_O": "constexpr", "BLOCK_I": "constexpr", "VEC": "constexpr"},
+                constexprs={"PER_CHANNEL": mode != "per_tensor", "BLOCK_O": bo, "BLOCK_I": bi,
+                            "VEC": v},
+                aligned=("g_ptr", "x_ptr", "dx_ptr"),
+                streaming=mode != "per_channel_odd_run", per_element_div=False,
+                num_warps=NUM_WARPS))
+            if mode == "per_tensor":  # per-tensor min/max: minmax_partials_kernel
+                continue
+            specs.append(spec(
+                name=f"minmax_channel_partials[{tn},{mode}]",
+                kernel=minmax_channel_partials_kernel,
+                signature={"x_ptr": tp, "part_ptr": "*fp32", "OUTER": "i32", "INNER": "i32",
+                           "NUM_CH": "i32", "P_I": "i32", "BLOCK_O": "constexpr",
+                           "BLOCK_I": "constexpr", "VEC": "constexpr"},
+                constexprs={"BLOCK_O": bo, "BLOCK_I": bi, "VEC": v},
+                aligned=("x_ptr",),
+                streaming=mode != "per_channel_odd_run", per_element_div=False,
+                num_warps=NUM_WARPS))
         specs.append(spec(
             name=f"minmax_partials[{tn}]", kernel=minmax_partials_kernel,
             signature={"x_ptr": tp, "part_ptr": "*fp32", "minv_ptr": "*fp32",
@@ -598,15 +650,13 @@ def _aot_specs() -> list:
                 name=f"fq_minmax_channel[{tn},{'one_block' if single else 'looped'}]",
                 kernel=fq_minmax_channel_kernel,
                 signature={"x_ptr": tp, "out_ptr": tp, "mask_ptr": "*u8", "scale_ptr": "*fp32",
-                           "zp_ptr": "*i32", "M": "i32", "CH_STRIDE": "i32", "NUM_CH": "i32",
-                           "qmin": "fp32", "qmax": "fp32", "eps": "fp32", "zp_sym": "fp32",
-                           "SYMMETRIC": "constexpr", "FUSED": "constexpr",
+                           "zp_ptr": "*i32", "M": "i32", "qmin": "fp32", "qmax": "fp32",
+                           "eps": "fp32", "zp_sym": "fp32", "SYMMETRIC": "constexpr",
                            "SAVE_MASK": "constexpr", "SINGLE": "constexpr", "BLOCK": "constexpr",
                            "RECIP": "constexpr"},
-                constexprs={"SYMMETRIC": False, "FUSED": True, "SAVE_MASK": True,
-                            "SINGLE": single, "BLOCK": 1024 if single else BLOCK,
-                            "RECIP": True},
-                aligned=("x_ptr", "out_ptr", "mask_ptr", "M", "CH_STRIDE"), streaming=False,
+                constexprs={"SYMMETRIC": False, "SAVE_MASK": True, "SINGLE": single,
+                            "BLOCK": 1024 if single else BLOCK, "RECIP": True},
+                aligned=("x_ptr", "out_ptr", "mask_ptr", "M"), streaming=False,
                 num_warps=NUM_WARPS))
         # channel-innermost reductions over [R, C] rows (C = 64 channels, R odd)
         specs.append(spec(
@@ -625,7 +675,7 @@ def _aot_specs() -> list:
             constexprs={"BLOCK_R": CI_BLOCK_R, "BLOCK_C": CI_BLOCK_C},
             aligned=("x_ptr", "part_ptr", "C"), streaming=True, num_warps=NUM_WARPS))
     specs.append(spec(
-        name="minmax_cinner_qparams", kernel=minmax_cinner_qparams_kernel,
+        name="minmax_part_qparams", kernel=minmax_part_qparams_kernel,
         signature={"part_ptr": "*fp32", "P": "i32", "C": "i32", "scale_ptr": "*fp32",
                    "zp_ptr": "*i32", "qmin": "fp32", "qmax": "fp32", "eps": "fp32",
                    "zp_sym": "fp32", "SYMMETRIC": "constexpr", "RECIP": "constexpr",
