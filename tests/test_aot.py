@@ -82,6 +82,26 @@ def _by_name(results, prefix):
     return {r["name"]: r for r in results if r["name"].startswith(prefix)}
 
 
+def test_odd_attention_maps_keep_128bit_loads_in_the_hot_loop(compiled):
+    """NCHW maps whose H*W is not a whole number of 16-byte vectors (7x7 in every dtype,
+    14x14 in 16-bit) go to the plane kernels: every load of F in the forward's channel loop is
+    128-bit (ld.global.v4.b32: 4 fp32 or 8 bf16/fp16), and the backward's tiles load and
+    store 128-bit. The channel-tile kernel at 7x7 (kept for maps whose samples start
+    unaligned) is scalar: the evidence that the plane view is what vectorises."""
+    arch, results = compiled
+    fwd = _by_name(results, "attn_map_plane[")
+    bwd = _by_name(results, "attn_feat_grad_plane[")
+    for shape in ("fp32,7x7", "bf16,7x7", "fp16,7x7,p", "bf16,14x14", "fp16,14x14"):
+        r = fwd[f"attn_map_plane[{shape}]"]
+        assert r["loop_loads"] and r["loop_128bit_loads"] == r["loop_loads"], (arch, r)
+        r = bwd[f"attn_feat_grad_plane[{shape}]"]
+        assert r["has_128bit_load"] and r["has_128bit_store"], (arch, r)
+    r = _by_name(results, "attn_map_fwd[fp32,nchw,14x14]")["attn_map_fwd[fp32,nchw,14x14]"]
+    assert r["loop_loads"] and r["loop_128bit_loads"] == r["loop_loads"], (arch, r)
+    scalar = _by_name(results, "attn_map_fwd_fused[fp32,nchw,p]")["attn_map_fwd_fused[fp32,nchw,p]"]
+    assert scalar["loop_loads"] and not scalar["loop_128bit_loads"], (arch, scalar)
+
+
 def test_per_channel_plane_kernels_do_not_divide_per_element(compiled):
     """Per-channel LSQ backward and the min/max partials of a channel that is not one
     contiguous range (NCHW axis 1) walk [rows, run] tiles of each channel: no integer divide
