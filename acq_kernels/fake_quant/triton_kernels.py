@@ -253,6 +253,29 @@ def _lsq_tile(g_ptr, x_ptr, dx_ptr, offs, valid, s, inv, zp, ds_lo, ds_hi, qmin,
 
 
 @triton.jit
+def _plane_split(P_I):
+    """(p, P, P_O, p_o, p_i) of a per-channel plane program: its index along grid axis 1, the
+    P = P_O * P_I programs of its channel, and its row (p_o) / column-block (p_i) share."""
+    p = tl.program_id(1)
+    P = tl.num_programs(1)
+    return p, P, P // P_I, p // P_I, p % P_I
+
+
+@triton.jit
+def _plane_rows(o0, OUTER, c, INNER, NUM_CH, PER_CHANNEL: tl.constexpr, BLOCK_O: tl.constexpr):
+    """([BLOCK_O, 1] offsets of rows o0.. of channel c in the [OUTER, NUM_CH, INNER] view, the
+    rows' validity). Masked rows get row 0's offset: no offset past N. PER_CHANNEL=False
+    (one [1, numel] plane): offsets 0, so full tiles vectorise whatever numel is."""
+    o = o0 + tl.arange(0, BLOCK_O)
+    ov = o < OUTER
+    if PER_CHANNEL:
+        row = tl.where(ov, o, 0)[:, None] * (NUM_CH * INNER) + c * INNER
+    else:
+        row = tl.zeros([BLOCK_O, 1], dtype=tl.int32)
+    return row, ov
+
+
+@triton.jit
 def fq_lsq_backward_kernel(g_ptr, x_ptr, dx_ptr, scale_ptr, zp_ptr, part_ptr, OUTER, INNER,
                            NUM_CH, P_I, qmin, qmax, grad_factor, PER_CHANNEL: tl.constexpr,
                            BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, VEC: tl.constexpr):
@@ -262,30 +285,20 @@ def fq_lsq_backward_kernel(g_ptr, x_ptr, dx_ptr, scale_ptr, zp_ptr, part_ptr, OU
     no element needs an integer divide to find its channel; full tiles are unmasked. dscale /
     dzero_point partial sums go to part_ptr[p, c] and part_ptr[P, C] + [p, c]. zp_ptr holds the
     zero point already rounded and clamped the way torch's backward does (float).
-    PER_CHANNEL=False (OUTER = NUM_CH = 1): offsets are the column index alone, so full
-    tiles vectorise whatever numel is. INNER comes in units of VEC (see _plane_vec)."""
+    PER_CHANNEL=False: per tensor (see _plane_rows). INNER comes in units of VEC (see
+    triton_launch._plane_vec)."""
     INNER = INNER * VEC
     c = tl.program_id(0)
-    p = tl.program_id(1)
-    P = tl.num_programs(1)
-    P_O = P // P_I
-    p_o = p // P_I
-    p_i = p % P_I
+    p, P, P_O, p_o, p_i = _plane_split(P_I)
     s = tl.load(scale_ptr + c)
     zp = tl.load(zp_ptr + c)
     inv = tl.math.div_rn(1.0, s)
     ds_lo = qmin - zp
     ds_hi = qmax - zp
-    row_stride = NUM_CH * INNER
     acc_s = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
     acc_z = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
     for o0 in tl.range(p_o * BLOCK_O, OUTER, P_O * BLOCK_O):
-        o = o0 + tl.arange(0, BLOCK_O)
-        ov = o < OUTER
-        if PER_CHANNEL:  # masked rows: no offset past N
-            row = tl.where(ov, o, 0)[:, None] * row_stride + c * INNER
-        else:
-            row = tl.zeros([BLOCK_O, 1], dtype=tl.int32)
+        row, ov = _plane_rows(o0, OUTER, c, INNER, NUM_CH, PER_CHANNEL, BLOCK_O)
         for i0 in tl.range(p_i * BLOCK_I, INNER, P_I * BLOCK_I):
             i = i0 + tl.arange(0, BLOCK_I)
             offs = row + i[None, :]
@@ -394,18 +407,11 @@ def minmax_channel_partials_kernel(x_ptr, part_ptr, OUTER, INNER, NUM_CH, P_I,
     VEC."""
     INNER = INNER * VEC
     c = tl.program_id(0)
-    p = tl.program_id(1)
-    P = tl.num_programs(1)
-    P_O = P // P_I
-    p_o = p // P_I
-    p_i = p % P_I
-    row_stride = NUM_CH * INNER
+    p, P, P_O, p_o, p_i = _plane_split(P_I)
     vmin = tl.full([BLOCK_O, BLOCK_I], float("inf"), tl.float32)
     vmax = tl.full([BLOCK_O, BLOCK_I], float("-inf"), tl.float32)
     for o0 in tl.range(p_o * BLOCK_O, OUTER, P_O * BLOCK_O):
-        o = o0 + tl.arange(0, BLOCK_O)
-        ov = o < OUTER
-        row = tl.where(ov, o, 0)[:, None] * row_stride + c * INNER
+        row, ov = _plane_rows(o0, OUTER, c, INNER, NUM_CH, True, BLOCK_O)
         for i0 in tl.range(p_i * BLOCK_I, INNER, P_I * BLOCK_I):
             i = i0 + tl.arange(0, BLOCK_I)
             if (o0 + BLOCK_O <= OUTER) & (i0 + BLOCK_I <= INNER):
