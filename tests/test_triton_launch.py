@@ -366,3 +366,40 @@ def test_per_channel_plane_paths_match_reference(monkeypatch, red_block):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
         else:
             assert torch.equal(a, b), i
+
+
+@pytest.mark.skipif("triton" not in _backend.usable_backends(torch.device("cpu")),
+                    reason="Triton is not usable on CPU here")
+@pytest.mark.parametrize("channels", [6, 20, 24, 72, 13])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_channel_innermost_row_lengths_in_vector_units_match_reference(channels, dtype):
+    """The channel-innermost and period kernels take C (W) in units of VEC (the widest
+    vector dividing it: 2, 4, 8 or 1 for 13 channels): channels_last and [N, C] per-channel
+    min/max, fake quant and LSQ backward against the reference."""
+    from acq_kernels.fake_quant import reference
+    xs = [(torch.randn(3, channels, 5, 7) * 2).to(dtype).contiguous(
+              memory_format=torch.channels_last),
+          (torch.randn(37, channels) * 3).to(dtype)]
+    results = {}
+    for b in ("reference", "triton"):
+        r = []
+        with ak.set_backend(b):
+            for x in xs:
+                out, s, z = ak.fake_quantize_minmax(x, -8, 7, axis=1)
+                r += [out, s, z]
+                if dtype == torch.float32:
+                    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+                    sc = torch.rand(channels, generator=torch.Generator().manual_seed(2)) + 0.05
+                    zp = torch.randn(channels, generator=torch.Generator().manual_seed(3)) * 2
+                    xx, ss, zz = (t.clone().requires_grad_() for t in (x, sc, zp))
+                    with pytest.MonkeyPatch.context() as mp:
+                        mp.setattr(reference, "lsq_uses_fma", lambda device: False)
+                        y = ak.fake_quantize_learnable(xx, ss, zz, -8, 7, axis=1)
+                        y.backward(g)
+                    r += [y, xx.grad, ss.grad, zz.grad]
+        results[b] = r
+    for i, (a, b) in enumerate(zip(results["reference"], results["triton"])):
+        if a.dim() == 1 and a.dtype == torch.float32 and i % 7 in (5, 6):  # LSQ sums
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(a, b), i

@@ -153,12 +153,14 @@ def fq_forward_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, zp_ptr, N, CH_STRIDE,
 @triton.jit
 def fq_forward_period_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, zp_ptr, R, W, CH_STRIDE,
                              n_wb, qmin, qmax, SAVE_MASK: tl.constexpr, BLOCK_R: tl.constexpr,
-                             BLOCK_W: tl.constexpr):
+                             BLOCK_W: tl.constexpr, VEC: tl.constexpr):
     """Per-channel fake quant with short channel runs (channels_last, [N, C], small NCHW
     maps): x seen as [R, W] rows of one channel period (W = NUM_CH * CH_STRIDE), tiled
     [BLOCK_R, BLOCK_W]; grid (cdiv(R, BLOCK_R) * n_wb,). The channel, scale and 1/scale are
     per column (one divide per column per program, not per element); loads are contiguous
-    along a row. With SAVE_MASK the launcher ensures W % 8 == 0, so rows own whole bytes."""
+    along a row. With SAVE_MASK the launcher ensures W % 8 == 0, so rows own whole bytes.
+    W comes in units of VEC (rows provably vector-aligned, e.g. 72 channels_last channels)."""
+    W = W * VEC
     pid = tl.program_id(0)
     rb = pid // n_wb
     wb = pid % n_wb
@@ -286,7 +288,7 @@ def fq_lsq_backward_kernel(g_ptr, x_ptr, dx_ptr, scale_ptr, zp_ptr, part_ptr, OU
     dzero_point partial sums go to part_ptr[p, c] and part_ptr[P, C] + [p, c]. zp_ptr holds the
     zero point already rounded and clamped the way torch's backward does (float).
     PER_CHANNEL=False: per tensor (see _plane_rows). INNER comes in units of VEC (see
-    triton_launch._plane_vec)."""
+    triton_launch._vec_units)."""
     INNER = INNER * VEC
     c = tl.program_id(0)
     p, P, P_O, p_o, p_i = _plane_split(P_I)
@@ -497,9 +499,11 @@ def minmax_qparams_kernel(part_ptr, P, minv_ptr, maxv_ptr, scale_ptr, zp_ptr,
 @triton.jit
 def fq_lsq_backward_cinner_kernel(g_ptr, x_ptr, dx_ptr, scale_ptr, zp_ptr, part_ptr, R, C,
                                   qmin, qmax, grad_factor, BLOCK_R: tl.constexpr,
-                                  BLOCK_C: tl.constexpr):
+                                  BLOCK_C: tl.constexpr, VEC: tl.constexpr):
     """fq_lsq_backward_kernel for a channel-innermost x: same math, same part layout
-    ([P, C] dscale partials, then [P, C] dzero_point partials); grid (cdiv(C, BLOCK_C), P)."""
+    ([P, C] dscale partials, then [P, C] dzero_point partials); grid (cdiv(C, BLOCK_C), P).
+    C comes in units of VEC (rows provably vector-aligned whatever C's power-of-2 factor)."""
+    C = C * VEC
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     p = tl.program_id(1)
     P = tl.num_programs(1)
@@ -524,9 +528,10 @@ def fq_lsq_backward_cinner_kernel(g_ptr, x_ptr, dx_ptr, scale_ptr, zp_ptr, part_
 
 @triton.jit
 def minmax_cinner_partials_kernel(x_ptr, part_ptr, R, C, BLOCK_R: tl.constexpr,
-                                  BLOCK_C: tl.constexpr):
+                                  BLOCK_C: tl.constexpr, VEC: tl.constexpr):
     """Per-channel min/max partials of a channel-innermost x: part[p, c] (min) and
-    part[P + p, c] (max); grid (cdiv(C, BLOCK_C), P)."""
+    part[P + p, c] (max); grid (cdiv(C, BLOCK_C), P). C comes in units of VEC."""
+    C = C * VEC
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     p = tl.program_id(1)
     P = tl.num_programs(1)
@@ -578,6 +583,7 @@ def _aot_specs() -> list:
     specs = []
     spec = functools.partial(AotSpec, options={"enable_fp_fusion": False})  # as launched
     for tn, tp in _T.items():
+        vec = 16 // (4 if tn == "fp32" else 2)  # elements per 16-byte vector
         for mode in ("per_tensor", "per_channel_span2", "per_channel_gather"):
             specs.append(spec(
                 name=f"fq_forward[{tn},{mode}]", kernel=fq_forward_kernel,
@@ -591,17 +597,18 @@ def _aot_specs() -> list:
                 # per-tensor / two-channel blocks: 1/scale and the channel once per program
                 per_element_div=mode == "per_channel_gather", num_warps=NUM_WARPS))
         specs.append(spec(
-            # channels_last per channel (W = C = 64 columns; rows R odd)
+            # channels_last per channel (W = C columns, R odd rows); W is not declared
+            # 16-divisible (72 channels are not): the units of VEC prove rows aligned
             name=f"fq_forward_period[{tn}]", kernel=fq_forward_period_kernel,
             signature={"x_ptr": tp, "out_ptr": tp, "mask_ptr": "*u8", "scale_ptr": "*fp32",
                        "zp_ptr": "*i32", "R": "i32", "W": "i32", "CH_STRIDE": "constexpr",
                        "n_wb": "i32", "qmin": "fp32", "qmax": "fp32", "SAVE_MASK": "constexpr",
-                       "BLOCK_R": "constexpr", "BLOCK_W": "constexpr"},
+                       "BLOCK_R": "constexpr", "BLOCK_W": "constexpr", "VEC": "constexpr"},
             constexprs={"SAVE_MASK": True, "CH_STRIDE": 1, "BLOCK_R": BLOCK // 64,
-                        "BLOCK_W": 64},
+                        "BLOCK_W": 64, "VEC": vec},
             # 1/scale once per column a thread holds (1/4 .. 1/2 per element), no integer
             # divide per element: not held to the per-program bound
-            aligned=("x_ptr", "out_ptr", "mask_ptr", "W"), streaming=True,
+            aligned=("x_ptr", "out_ptr", "mask_ptr"), streaming=True,
             num_warps=NUM_WARPS))
         specs.append(spec(
             name=f"fq_mask_backward[{tn}]", kernel=fq_mask_backward_kernel,
@@ -614,11 +621,9 @@ def _aot_specs() -> list:
         # vectors but not 16-divisible (NCHW 14x14 fp32, 28x28 bf16: INNER in units of VEC),
         # and per channel with an odd run (NCHW 7x7 = 49: scalar loads, but no divide per
         # element either way)
-        run = 196 if tn == "fp32" else 784
-        vec = 16 // (4 if tn == "fp32" else 2)
+        run_block = triton.next_power_of_2(196 if tn == "fp32" else 784)
         for mode, (bo, bi, v) in (("per_tensor", (1, RED_BLOCK, 1)),
-                                  ("per_channel_vec", (2048 // 256 if tn == "fp32" else 2,
-                                                       256 if tn == "fp32" else 1024, vec)),
+                                  ("per_channel_vec", (RED_BLOCK // run_block, run_block, vec)),
                                   ("per_channel_odd_run", (32, 64, 1))):
             specs.append(spec(
                 name=f"fq_lsq_backward[{tn},{mode}]", kernel=fq_lsq_backward_kernel,
@@ -664,22 +669,23 @@ def _aot_specs() -> list:
                             "BLOCK": 1024 if single else BLOCK, "RECIP": True},
                 aligned=("x_ptr", "out_ptr", "mask_ptr", "M"), streaming=False,
                 num_warps=NUM_WARPS))
-        # channel-innermost reductions over [R, C] rows (C = 64 channels, R odd)
+        # channel-innermost reductions over [R, C] rows (R odd; C not declared 16-divisible,
+        # in units of VEC as launched)
         specs.append(spec(
             name=f"fq_lsq_backward_cinner[{tn}]", kernel=fq_lsq_backward_cinner_kernel,
             signature={"g_ptr": tp, "x_ptr": tp, "dx_ptr": tp, "scale_ptr": "*fp32",
                        "zp_ptr": "*fp32", "part_ptr": "*fp32", "R": "i32", "C": "i32",
                        "qmin": "fp32", "qmax": "fp32", "grad_factor": "fp32",
-                       "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
-            constexprs={"BLOCK_R": CI_BLOCK_R, "BLOCK_C": CI_BLOCK_C},
-            aligned=("g_ptr", "x_ptr", "dx_ptr", "part_ptr", "C"), streaming=True,
+                       "BLOCK_R": "constexpr", "BLOCK_C": "constexpr", "VEC": "constexpr"},
+            constexprs={"BLOCK_R": CI_BLOCK_R, "BLOCK_C": CI_BLOCK_C, "VEC": vec},
+            aligned=("g_ptr", "x_ptr", "dx_ptr", "part_ptr"), streaming=True,
             num_warps=NUM_WARPS))
         specs.append(spec(
             name=f"minmax_cinner_partials[{tn}]", kernel=minmax_cinner_partials_kernel,
             signature={"x_ptr": tp, "part_ptr": "*fp32", "R": "i32", "C": "i32",
-                       "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
-            constexprs={"BLOCK_R": CI_BLOCK_R, "BLOCK_C": CI_BLOCK_C},
-            aligned=("x_ptr", "part_ptr", "C"), streaming=True, num_warps=NUM_WARPS))
+                       "BLOCK_R": "constexpr", "BLOCK_C": "constexpr", "VEC": "constexpr"},
+            constexprs={"BLOCK_R": CI_BLOCK_R, "BLOCK_C": CI_BLOCK_C, "VEC": vec},
+            aligned=("x_ptr", "part_ptr"), streaming=True, num_warps=NUM_WARPS))
     specs.append(spec(
         name="minmax_part_qparams", kernel=minmax_part_qparams_kernel,
         signature={"part_ptr": "*fp32", "P": "i32", "C": "i32", "scale_ptr": "*fp32",

@@ -60,10 +60,11 @@ def fq_forward(x, scale, zero_point, quant_min, quant_max, axis, save_mask):
         bw = min(triton.next_power_of_2(w), K.PERIOD_BLOCK_W)
         br = max(1, min(K.BLOCK // bw, triton.next_power_of_2(n // w)))
         n_wb = triton.cdiv(w, bw)
+        vec = _vec_units(x, w)
         K.fq_forward_period_kernel[(triton.cdiv(n // w, br) * n_wb,)](
-            x, out, mask if save_mask else out, scale, zero_point, n // w, w, cs, n_wb,
+            x, out, mask if save_mask else out, scale, zero_point, n // w, w // vec, cs, n_wb,
             float(quant_min), float(quant_max), SAVE_MASK=save_mask, BLOCK_R=br, BLOCK_W=bw,
-            **_LAUNCH)
+            VEC=vec, **_LAUNCH)
         return out, mask
     K.fq_forward_kernel[(triton.cdiv(n, K.BLOCK),)](
         x, out, mask if save_mask else out, scale, zero_point, n, cs, nc, float(quant_min),
@@ -103,13 +104,14 @@ def _partial_programs(m: int, channels: int) -> int:
     return max(1, min(triton.cdiv(m, K.RED_BLOCK), max(1, K.MAX_PARTIALS // channels)))
 
 
-def _plane_vec(x: torch.Tensor, cs: int) -> int:
-    """VEC of the plane kernels: the widest 16-byte-or-less element group dividing the
-    channel run, which they take in units of it so that Triton can prove each run starts
-    vector-aligned (196 fp32 -> 4: 128-bit loads; Triton specialises only 16-divisible
-    sizes by itself)."""
+def _vec_units(x: torch.Tensor, size: int) -> int:
+    """VEC of the kernels that take a row length in units of it (the plane kernels' channel
+    run, the channel-innermost kernels' C, the period kernel's W): the widest
+    16-byte-or-less element group dividing it, so that Triton can prove each row starts
+    vector-aligned (a run of 196 fp32 or 72 channels -> 4: 128-bit loads). Triton by itself
+    only specialises sizes divisible by 16."""
     vec = max(1, 16 // x.element_size())
-    while vec > 1 and cs % vec:
+    while vec > 1 and size % vec:
         vec //= 2
     return vec
 
@@ -150,13 +152,14 @@ def fq_learnable_backward(grad, x, scale, zero_point, quant_min, quant_max, axis
     if _channel_innermost(cs, nc):
         p = _cinner_programs(m, channels)
         part = torch.empty((2 * p, channels), dtype=torch.float32, device=x.device)
+        vec = _vec_units(x, channels)
         K.fq_lsq_backward_cinner_kernel[(triton.cdiv(channels, K.CI_BLOCK_C), p)](
-            grad, x, dx, s, zp, part, m, channels, float(quant_min), float(quant_max),
-            float(grad_factor), BLOCK_R=K.CI_BLOCK_R, BLOCK_C=K.CI_BLOCK_C, **_LAUNCH)
+            grad, x, dx, s, zp, part, m, channels // vec, float(quant_min), float(quant_max),
+            float(grad_factor), BLOCK_R=K.CI_BLOCK_R, BLOCK_C=K.CI_BLOCK_C, VEC=vec, **_LAUNCH)
         return dx, part[:p].sum(0), part[p:].sum(0)
     outer, bo, bi, p_i, p = _plane_tiling(n, cs, nc)
     part = torch.empty((2 * p, channels), dtype=torch.float32, device=x.device)
-    vec = _plane_vec(x, cs) if axis >= 0 else 1  # per tensor: full tiles vectorise anyway
+    vec = _vec_units(x, cs) if axis >= 0 else 1  # per tensor: full tiles vectorise anyway
     K.fq_lsq_backward_kernel[(channels, p)](grad, x, dx, s, zp, part, outer, cs // vec, nc, p_i,
                                             float(quant_min), float(quant_max),
                                             float(grad_factor), PER_CHANNEL=axis >= 0,
@@ -199,12 +202,14 @@ def fq_minmax_forward(x, axis, quant_min, quant_max, symmetric, eps, save_mask):
     if _channel_innermost(cs, channels):
         p = _cinner_programs(m, channels)
         part = torch.empty((2 * p, channels), dtype=torch.float32, device=x.device)
+        vec = _vec_units(x, channels)
         K.minmax_cinner_partials_kernel[(triton.cdiv(channels, K.CI_BLOCK_C), p)](
-            x, part, m, channels, BLOCK_R=K.CI_BLOCK_R, BLOCK_C=K.CI_BLOCK_C, **_LAUNCH)
+            x, part, m, channels // vec, BLOCK_R=K.CI_BLOCK_R, BLOCK_C=K.CI_BLOCK_C, VEC=vec,
+            **_LAUNCH)
     else:
         outer, bo, bi, p_i, p = _plane_tiling(n, cs, channels)
         part = torch.empty((2 * p, channels), dtype=torch.float32, device=x.device)
-        vec = _plane_vec(x, cs)
+        vec = _vec_units(x, cs)
         K.minmax_channel_partials_kernel[(channels, p)](
             x, part, outer, cs // vec, channels, p_i, BLOCK_O=bo, BLOCK_I=bi, VEC=vec,
             **_LAUNCH)
