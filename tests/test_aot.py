@@ -1,6 +1,7 @@
 """Every Triton kernel compiles for real GPUs (sm_80, sm_90) on this CPU-only machine, and its
 PTX carries the performance intent: 128-bit global loads in streaming kernels (at odd sizes for
-the fake-quant family and 14x14 attention maps), no spills, no per-element divisions where a
+the fake-quant family, 7x7 and 14x14 attention maps, channel counts that are not 16-divisible),
+inside the hot loop where the kernel has one; no spills; no per-element divisions where a
 per-program one does."""
 import json
 import os
@@ -93,8 +94,14 @@ def test_odd_attention_maps_keep_128bit_loads_in_the_hot_loop(compiled):
         assert r["loop_loads"] and r["loop_128bit_loads"] == r["loop_loads"], (arch, r)
         r = bwd[f"attn_feat_grad_plane[{shape}]"]
         assert r["has_128bit_load"] and r["has_128bit_store"], (arch, r)
-    r = _by_name(results, "attn_map_fwd[fp32,nchw,14x14]")["attn_map_fwd[fp32,nchw,14x14]"]
-    assert r["loop_loads"] and r["loop_128bit_loads"] == r["loop_loads"], (arch, r)
+    # channel-tile kernels with sizes in units of VEC: 14x14 fp32 NCHW, 72 channels nhwc
+    for name in ("attn_map_fwd[fp32,nchw,14x14]", "attn_map_fwd[fp32,nhwc,C72]",
+                 "attn_map_fwd[bf16,nhwc,C72]"):
+        r = _by_name(results, name)[name]
+        assert r["loop_loads"] and r["loop_128bit_loads"] == r["loop_loads"], (arch, r)
+    for name in ("attn_feat_grad[fp32,nhwc,C72]", "attn_feat_grad[bf16,nhwc,C72]"):
+        r = _by_name(results, name)[name]
+        assert r["has_128bit_load"] and r["has_128bit_store"], (arch, r)
     scalar = _by_name(results, "attn_map_fwd_fused[fp32,nchw,p]")["attn_map_fwd_fused[fp32,nchw,p]"]
     assert scalar["loop_loads"] and not scalar["loop_128bit_loads"], (arch, scalar)
 

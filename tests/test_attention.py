@@ -407,3 +407,16 @@ def test_odd_nchw_channel_slices_with_a_partial_row(monkeypatch, shape, dtype):
     check_forward_backward("triton", feat)
     check_forward_backward("triton", feat, p=3.0)
     assert set(used) == {"_attn_map_plane_kernel"}, used
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not usable here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 72, 5, 7), (2, 20, 7, 7), (3, 6, 4, 4), (2, 24, 14, 14)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_channels_last_channel_counts_in_vector_units(shape, dtype):
+    """channels_last maps with channel counts that are not 16-divisible (72, 20, 6, 24): the
+    channel-tile kernels take C and the strides across it in units of the widest vector
+    dividing them (4 / 8 / 2), against the reference, p = 2 and general p."""
+    feat = make_feat(shape, "channels_last", dtype)
+    check_forward_backward("triton", feat)
+    check_forward_backward("triton", feat, p=1.5)

@@ -98,10 +98,16 @@ def _attn_map_kernel(f_ptr, a32_ptr, amap_ptr, anorm_ptr, center_ptr, stats_ptr,
                      CHANNELS_LAST: tl.constexpr, P_IS_TWO: tl.constexpr,
                      FINALIZE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
                      VEC: tl.constexpr):
-    """HW, stride_n and stride_c come in units of VEC elements (see _vec_units)."""
-    HW = HW * VEC
+    """The contiguous axis' size and the strides that step across it come in units of VEC
+    elements (see vec_units): HW, stride_n, stride_c (NCHW); C, stride_n, stride_s
+    (channels_last)."""
     stride_n = stride_n * VEC
-    stride_c = stride_c * VEC
+    if CHANNELS_LAST:
+        C = C * VEC
+        stride_s = stride_s * VEC
+    else:
+        HW = HW * VEC
+        stride_c = stride_c * VEC
     pid = tl.program_id(0)
     n = (pid // n_hw_blocks).to(tl.int64)  # n * HW, n * stride_n may pass 2^31
     hb = pid % n_hw_blocks
@@ -284,12 +290,18 @@ def _attn_feat_grad_kernel(f_ptr, da_ptr, df_ptr, C, HW,
                            BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
                            VEC: tl.constexpr):
     """dF = dA[n, s] * scale * g(F); g = F (p == 2, scale = 2/C) or sign(F)|F|^(p-1)
-    (scale = p/C), 0 at F == 0. HW and the n / c strides come in units of VEC elements."""
-    HW = HW * VEC
+    (scale = p/C), 0 at F == 0. As in _attn_map_kernel, the contiguous axis' size (HW or C)
+    and the n and c (NCHW) / s (channels_last) strides come in units of VEC elements."""
     f_stride_n = f_stride_n * VEC
-    f_stride_c = f_stride_c * VEC
     g_stride_n = g_stride_n * VEC
-    g_stride_c = g_stride_c * VEC
+    if CHANNELS_LAST:
+        C = C * VEC
+        f_stride_s = f_stride_s * VEC
+        g_stride_s = g_stride_s * VEC
+    else:
+        HW = HW * VEC
+        f_stride_c = f_stride_c * VEC
+        g_stride_c = g_stride_c * VEC
     pid = tl.program_id(0)
     n = (pid // n_hw_blocks).to(tl.int64)
     hb = pid % n_hw_blocks
@@ -391,12 +403,13 @@ def grad_blocks(C: int, HW: int, channels_last: bool):
     return map_blocks(C, HW, channels_last)
 
 
-def vec_units(element_size: int, channels_last: bool, *sizes: int) -> int:
-    """VEC for the NCHW kernels: the widest 16-byte-or-less element group dividing every size
-    (HW and the n / c strides), passed in units of it so Triton can prove rows start
-    VEC-aligned (14x14 fp32: 4 -> 128-bit loads; 7x7: 1). Triton itself only specialises
-    sizes divisible by 16. channels_last tiles vectorise along C instead: 1."""
-    vec = 1 if channels_last else max(1, 16 // element_size)
+def vec_units(element_size: int, *sizes: int) -> int:
+    """VEC of the channel-tile kernels: the widest 16-byte-or-less element group dividing
+    every size (the contiguous axis' length and the strides across it: HW and the n / c
+    strides for NCHW, C and the n / s strides for channels_last), passed in units of it so
+    Triton can prove rows start VEC-aligned (14x14 fp32: 4 -> 128-bit loads; 72 channels
+    channels_last: 4; 7x7: 1). Triton itself only specialises sizes divisible by 16."""
+    vec = max(1, 16 // element_size)
     while vec > 1 and any(s % vec for s in sizes):
         vec //= 2
     return vec
@@ -479,7 +492,7 @@ def _aot_specs():
     # 256x14x14 (ResNet-18 stage 3, NCHW fp32): HW = 196 is not 16-divisible; in units of
     # VEC = 4 rows are provably 16-byte aligned, so the channel-tile loads stay 128-bit.
     bc, bhw = map_blocks(256, 196, False)
-    vec = vec_units(4, False, 196, 256 * 196, 196)
+    vec = vec_units(4, 196, 256 * 196, 196)
     specs.append(map_spec(
         "attn_map_fwd[fp32,nchw,14x14]", "fp32",
         {"CHANNELS_LAST": False, "P_IS_TWO": True, "FINALIZE": True, "BLOCK_C": bc,
@@ -488,6 +501,19 @@ def _aot_specs():
         "attn_feat_grad[fp32,nchw,14x14]", "fp32",
         {"CHANNELS_LAST": False, "P_IS_TWO": True, "BLOCK_C": bc, "BLOCK_HW": bhw, "VEC": vec},
         aligned=("f_ptr", "da_ptr", "df_ptr"), streaming=True))
+    # channels_last with a channel count that is not 16-divisible (72: MobileNet/EfficientNet
+    # widths): C and the strides across it in units of VEC keep the loads 128-bit.
+    for dt, esize in (("fp32", 4), ("bf16", 2)):
+        bc, bhw = map_blocks(72, 784, True)
+        vec = vec_units(esize, 72, 72 * 784, 72)
+        specs.append(map_spec(
+            f"attn_map_fwd[{dt},nhwc,C72]", dt,
+            {"CHANNELS_LAST": True, "P_IS_TWO": True, "FINALIZE": False, "BLOCK_C": bc,
+             "BLOCK_HW": bhw, "VEC": vec}, aligned=("f_ptr", "a32_ptr"), streaming=True))
+        specs.append(grad_spec(
+            f"attn_feat_grad[{dt},nhwc,C72]", dt,
+            {"CHANNELS_LAST": True, "P_IS_TWO": True, "BLOCK_C": bc, "BLOCK_HW": bhw,
+             "VEC": vec}, aligned=("f_ptr", "da_ptr", "df_ptr"), streaming=True))
     # The channel-tile kernel where no vector fits (a 7x7 map whose samples start unaligned,
     # e.g. an odd channel count): scalar, one program per map, finalized in place; general p.
     bc, bhw = map_blocks(511, 49, False)

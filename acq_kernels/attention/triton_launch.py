@@ -48,10 +48,14 @@ def map_forward(feat: torch.Tensor, p: float):
     bc, bhw = tk.map_blocks(C, HW, lay.channels_last)
     n_hw = triton.cdiv(HW, bhw)
     fused = n_hw == 1
-    v = tk.vec_units(x.element_size(), lay.channels_last, HW, lay.stride_n, lay.stride_c)
+    cl = lay.channels_last
+    v = tk.vec_units(x.element_size(), *((C, lay.stride_n, lay.stride_s) if cl
+                                         else (HW, lay.stride_n, lay.stride_c)))
+    # the contiguous axis' size and the strides across it in units of v (see tk.vec_units)
+    vc, vs = (v, 1) if cl else (1, v)
     tk._attn_map_kernel[(N * n_hw,)](
-        x, a32, amap, anorm, center, stats, C, HW // v, H, W,
-        lay.stride_n // v, lay.stride_c // v, lay.stride_s, n_hw, float(p),
+        x, a32, amap, anorm, center, stats, C // vc, HW // vs, H, W,
+        lay.stride_n // v, lay.stride_c // vs, lay.stride_s // vc, n_hw, float(p),
         CHANNELS_LAST=lay.channels_last, P_IS_TWO=(p == 2), FINALIZE=fused,
         BLOCK_C=bc, BLOCK_HW=bhw, VEC=v, **_LAUNCH)
     if not fused:
@@ -117,11 +121,15 @@ def feat_backward(feat: torch.Tensor, dA: torch.Tensor, p: float, out: torch.Ten
         return out
     bc, bhw = tk.grad_blocks(C, HW, lay.channels_last)
     n_hw = triton.cdiv(HW, bhw)
-    v = tk.vec_units(x.element_size(), lay.channels_last, HW, lay.stride_n, lay.stride_c,
-                     glay.stride_n, glay.stride_c)
+    cl = lay.channels_last
+    v = tk.vec_units(x.element_size(),
+                     *((C, lay.stride_n, lay.stride_s, glay.stride_n, glay.stride_s) if cl
+                       else (HW, lay.stride_n, lay.stride_c, glay.stride_n, glay.stride_c)))
+    vc, vs = (v, 1) if cl else (1, v)
     tk._attn_feat_grad_kernel[(N * n_hw, triton.cdiv(C, bc))](
-        x, dA, out, C, HW // v, lay.stride_n // v, lay.stride_c // v, lay.stride_s,
-        glay.stride_n // v, glay.stride_c // v, glay.stride_s, n_hw, scale, float(p) - 1.0,
+        x, dA, out, C // vc, HW // vs, lay.stride_n // v, lay.stride_c // vs,
+        lay.stride_s // vc, glay.stride_n // v, glay.stride_c // vs, glay.stride_s // vc, n_hw,
+        scale, float(p) - 1.0,
         CHANNELS_LAST=lay.channels_last, P_IS_TWO=(p == 2), BLOCK_C=bc, BLOCK_HW=bhw, VEC=v,
         **_LAUNCH)
     return out
