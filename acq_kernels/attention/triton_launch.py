@@ -84,7 +84,8 @@ def _plane_forward(x, lay, plane, p, a32, amap, anorm, center, stats):
     tk._attn_map_plane_kernel[(N * n_jb,)](
         x, col, a32, amap, anorm, center, stats, C, HW, H, W, R, T, ghw // vec,
         lay.stride_n // vec, n_jb, float(p), P_IS_TWO=(p == 2),
-        FINALIZE=fused, G=G, BLOCK_R=br, BLOCK_J=bj, BLOCK_HW=triton.next_power_of_2(HW),
+        FINALIZE=fused, G=G, BLOCK_R=br, BLOCK_J=bj,
+        BLOCK_HW=triton.next_power_of_2(HW) if fused else 1,  # only the in-place finalize's
         VEC=vec, **_LAUNCH)
     if not fused:
         tk._attn_finalize_kernel[(N,)](a32, col, amap, anorm, center, stats, C, H, W, G=G,
