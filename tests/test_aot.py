@@ -111,10 +111,12 @@ def test_per_channel_plane_kernels_do_not_divide_per_element(compiled):
     contiguous range (NCHW axis 1) walk [rows, run] tiles of each channel: no integer divide
     or modulo and no IEEE division inside their loops (1/scale and the program split once per
     program), and 128-bit loads in the loop where the run is a whole number of vectors (14x14
-    fp32, 28x28 bf16 -- sizes not declared 16-divisible)."""
+    fp32, 28x28 bf16 -- sizes not declared 16-divisible) or G channels' runs are (7x7: the
+    channel-group kernels). The [rows, run] kernels at a run of 49 stay scalar (odd_run)."""
     arch, results = compiled
     for prefix in ("fq_lsq_backward[", "minmax_channel_partials[", "fq_lsq_backward_cinner[",
-                   "minmax_cinner_partials["):
+                   "minmax_cinner_partials[", "fq_lsq_backward_grouped[",
+                   "minmax_grouped_partials["):
         rs = _by_name(results, prefix)
         assert rs, prefix
         for r in rs.values():

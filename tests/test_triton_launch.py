@@ -334,7 +334,8 @@ def test_per_channel_plane_paths_match_reference(monkeypatch, red_block):
     """Per-channel min/max and LSQ backward over [outer, C, run] planes (NCHW axis 1 with odd
     runs: 7x7, 5x5, 3x3, 14x14; a middle axis of a 3-D tensor; axis 0 with an odd row, which
     is not fused with a mask): [rows, run] tiles of each channel, split over rows and column
-    blocks, against the reference. Tiny tiles force the multi-program and masked-tail paths."""
+    blocks, or rows of G channels where G divides C (8 x 7x7, 12 x 5x5, 4 x 3x3, 6 x 3x6),
+    against the reference. Tiny tiles force the multi-program and masked-tail paths."""
     monkeypatch.setattr(FK, "RED_BLOCK", red_block)
     monkeypatch.setattr(FK, "MAX_PARTIALS", 64)
     from acq_kernels.fake_quant import reference
@@ -342,7 +343,10 @@ def test_per_channel_plane_paths_match_reference(monkeypatch, red_block):
     cases = [(torch.randn(3, 5, 7, 7) * 2, 1), (torch.randn(3, 5, 5, 5), 1),
              (torch.randn(2, 3, 3, 3), 1), (torch.randn(2, 4, 14, 14) * 3, 1),
              (torch.randn(5, 3, 11), 1), (torch.randn(3, 203) * 2, 0),
-             (torch.randn(2, 6, 10, 13)[:, 1:6], 1)]
+             (torch.randn(2, 6, 10, 13)[:, 1:6], 1),
+             # channel-group rows (G = 4 channels of an odd run; 2 of a run of 2 mod 4)
+             (torch.randn(3, 8, 7, 7) * 2, 1), (torch.randn(2, 12, 5, 5), 1),
+             (torch.randn(37, 4, 3, 3), 1), (torch.randn(2, 6, 3, 6), 1)]
     results = {}
     for b in ("reference", "triton"):
         r = []

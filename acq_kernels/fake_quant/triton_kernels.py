@@ -20,6 +20,7 @@ per-channel reductions (LSQ backward, NCHW axis-1 min/max) read [rows, run] tile
 from __future__ import annotations
 
 import functools
+import math
 
 import triton
 import triton.language as tl
@@ -313,6 +314,90 @@ def fq_lsq_backward_kernel(g_ptr, x_ptr, dx_ptr, scale_ptr, zp_ptr, part_ptr, OU
                                          ds_hi, qmin, qmax, grad_factor, acc_s, acc_z, True)
     tl.store(part_ptr + p * NUM_CH + c, tl.sum(tl.sum(acc_s, axis=1), axis=0))
     tl.store(part_ptr + (P + p) * NUM_CH + c, tl.sum(tl.sum(acc_z, axis=1), axis=0))
+
+
+@triton.jit
+def _group_columns(OUTER, INNER, GI, BLOCK_I: tl.constexpr):
+    """Columns of a channel-group plane row (G channels' runs of INNER, GI = G*INNER
+    elements): (j, validity, channel within the group -- one integer divide per column,
+    once per program)."""
+    j = tl.arange(0, BLOCK_I)
+    jv = j < GI
+    return j, jv, tl.where(jv, j, 0) // INNER
+
+
+@triton.jit
+def fq_lsq_backward_grouped_kernel(g_ptr, x_ptr, dx_ptr, scale_ptr, zp_ptr, part_ptr, OUTER,
+                                   INNER, GI, NUM_G, qmin, qmax, grad_factor, G: tl.constexpr,
+                                   BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+                                   VEC: tl.constexpr):
+    """fq_lsq_backward_kernel for runs that are not a whole number of vectors (NCHW 7x7 =
+    49): x seen as [OUTER, NUM_G, GI] rows of G consecutive channels (GI = G*INNER a whole
+    number of vectors, in units of VEC), so rows start aligned and accesses are 128-bit.
+    Program (cg, p) owns group cg, rows p, p + P, ...: the channel, scale and 1/scale of each
+    column once per program; per-channel partial sums folded from the column sums at the end.
+    Same part layout as fq_lsq_backward_kernel; grid (NUM_G, P)."""
+    GI = GI * VEC
+    cg = tl.program_id(0)
+    p = tl.program_id(1)
+    P = tl.num_programs(1)
+    j, jv, k = _group_columns(OUTER, INNER, GI, BLOCK_I)
+    ch = cg * G + k
+    s = tl.load(scale_ptr + ch)[None, :]
+    zp = tl.load(zp_ptr + ch)[None, :]
+    inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    ds_lo = qmin - zp
+    ds_hi = qmax - zp
+    acc_s = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
+    acc_z = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
+    for o0 in tl.range(p * BLOCK_O, OUTER, P * BLOCK_O):
+        o = o0 + tl.arange(0, BLOCK_O)
+        ov = o < OUTER
+        offs = tl.where(ov, o, 0)[:, None] * (NUM_G * GI) + cg * GI + j[None, :]
+        # the mask is constant over VEC columns (GI is a multiple of VEC): still 128-bit
+        acc_s, acc_z = _lsq_tile(g_ptr, x_ptr, dx_ptr, offs, ov[:, None] & jv[None, :], s, inv,
+                                 zp, ds_lo, ds_hi, qmin, qmax, grad_factor, acc_s, acc_z, True)
+    col_s = tl.sum(acc_s, axis=0)
+    col_z = tl.sum(acc_z, axis=0)
+    C = NUM_G * G
+    for kk in tl.static_range(G):
+        sel = jv & (k == kk)
+        tl.store(part_ptr + p * C + cg * G + kk, tl.sum(tl.where(sel, col_s, 0.0), axis=0))
+        tl.store(part_ptr + (P + p) * C + cg * G + kk,
+                 tl.sum(tl.where(sel, col_z, 0.0), axis=0))
+
+
+@triton.jit
+def minmax_grouped_partials_kernel(x_ptr, part_ptr, OUTER, INNER, GI, NUM_G, G: tl.constexpr,
+                                   BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+                                   VEC: tl.constexpr):
+    """minmax_channel_partials_kernel on the channel-group rows of
+    fq_lsq_backward_grouped_kernel (runs that are not a whole number of vectors); grid
+    (NUM_G, P), part[p, c] (min) and part[P + p, c] (max)."""
+    GI = GI * VEC
+    cg = tl.program_id(0)
+    p = tl.program_id(1)
+    P = tl.num_programs(1)
+    j, jv, k = _group_columns(OUTER, INNER, GI, BLOCK_I)
+    vmin = tl.full([BLOCK_O, BLOCK_I], float("inf"), tl.float32)
+    vmax = tl.full([BLOCK_O, BLOCK_I], float("-inf"), tl.float32)
+    for o0 in tl.range(p * BLOCK_O, OUTER, P * BLOCK_O):
+        o = o0 + tl.arange(0, BLOCK_O)
+        ov = o < OUTER
+        offs = tl.where(ov, o, 0)[:, None] * (NUM_G * GI) + cg * GI + j[None, :]
+        valid = ov[:, None] & jv[None, :]
+        x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        vmin = tl.minimum(vmin, tl.where(valid, x, float("inf")))
+        vmax = tl.maximum(vmax, tl.where(valid, x, float("-inf")))
+    col_min = tl.min(vmin, axis=0)
+    col_max = tl.max(vmax, axis=0)
+    C = NUM_G * G
+    for kk in tl.static_range(G):
+        sel = jv & (k == kk)
+        tl.store(part_ptr + p * C + cg * G + kk,
+                 tl.min(tl.where(sel, col_min, float("inf")), axis=0))
+        tl.store(part_ptr + (P + p) * C + cg * G + kk,
+                 tl.max(tl.where(sel, col_max, float("-inf")), axis=0))
 
 
 @triton.jit
@@ -649,6 +734,26 @@ def _aot_specs() -> list:
                 aligned=("x_ptr",),
                 streaming=mode != "per_channel_odd_run", per_element_div=False,
                 num_warps=NUM_WARPS))
+        # per-channel runs that are not a whole number of vectors (NCHW 512 x 7x7): rows of
+        # G channels; 1/scale once per column, no divide in the loop, 128-bit loads
+        g = vec // math.gcd(49, vec)
+        bi = triton.next_power_of_2(g * 49)
+        gcx = {"G": g, "BLOCK_O": RED_BLOCK // bi, "BLOCK_I": bi, "VEC": vec}
+        specs.append(spec(
+            name=f"fq_lsq_backward_grouped[{tn},7x7]", kernel=fq_lsq_backward_grouped_kernel,
+            signature={"g_ptr": tp, "x_ptr": tp, "dx_ptr": tp, "scale_ptr": "*fp32",
+                       "zp_ptr": "*fp32", "part_ptr": "*fp32", "OUTER": "i32", "INNER": "i32",
+                       "GI": "i32", "NUM_G": "i32", "qmin": "fp32", "qmax": "fp32",
+                       "grad_factor": "fp32", "G": "constexpr", "BLOCK_O": "constexpr",
+                       "BLOCK_I": "constexpr", "VEC": "constexpr"},
+            constexprs=gcx, aligned=("g_ptr", "x_ptr", "dx_ptr"), streaming=True,
+            num_warps=NUM_WARPS))
+        specs.append(spec(
+            name=f"minmax_grouped_partials[{tn},7x7]", kernel=minmax_grouped_partials_kernel,
+            signature={"x_ptr": tp, "part_ptr": "*fp32", "OUTER": "i32", "INNER": "i32",
+                       "GI": "i32", "NUM_G": "i32", "G": "constexpr", "BLOCK_O": "constexpr",
+                       "BLOCK_I": "constexpr", "VEC": "constexpr"},
+            constexprs=gcx, aligned=("x_ptr",), streaming=True, num_warps=NUM_WARPS))
         specs.append(spec(
             name=f"minmax_partials[{tn}]", kernel=minmax_partials_kernel,
             signature={"x_ptr": tp, "part_ptr": "*fp32", "minv_ptr": "*fp32",

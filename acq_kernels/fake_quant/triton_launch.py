@@ -9,6 +9,8 @@ Each launcher runs under a device guard: Triton launches on the current CUDA dev
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 
@@ -116,6 +118,24 @@ def _vec_units(x: torch.Tensor, size: int) -> int:
     return vec
 
 
+def _channel_groups(x: torch.Tensor, cs: int, nc: int):
+    """(VEC, G, BLOCK_O, BLOCK_I, P) of the channel-group kernels, or None: for per-channel
+    runs that are not a whole number of 16-byte vectors (NCHW 7x7 = 49) G consecutive
+    channels make rows of G*cs elements that are (G = VEC / gcd(cs, VEC)), when G divides the
+    channel count and such a row fits one tile."""
+    vec = max(1, 16 // x.element_size())
+    if cs % vec == 0:
+        return None
+    g = vec // math.gcd(cs, vec)
+    if nc % g or g * cs > K.RED_BLOCK:
+        return None
+    outer = x.numel() // (cs * nc)
+    bi = triton.next_power_of_2(g * cs)
+    bo = max(1, min(K.RED_BLOCK // bi, triton.next_power_of_2(outer)))
+    p = max(1, min(triton.cdiv(outer, bo), K.MAX_PARTIALS // (nc // g)))
+    return vec, g, bo, bi, p
+
+
 def _plane_tiling(n: int, cs: int, nc: int):
     """Tiling of the [OUTER, NUM_CH, INNER] view (INNER = CH_STRIDE) for the per-channel
     plane kernels: (OUTER, BLOCK_O, BLOCK_I, P_I, P). A tile is [BLOCK_O rows, BLOCK_I
@@ -156,6 +176,15 @@ def fq_learnable_backward(grad, x, scale, zero_point, quant_min, quant_max, axis
         K.fq_lsq_backward_cinner_kernel[(triton.cdiv(channels, K.CI_BLOCK_C), p)](
             grad, x, dx, s, zp, part, m, channels // vec, float(quant_min), float(quant_max),
             float(grad_factor), BLOCK_R=K.CI_BLOCK_R, BLOCK_C=K.CI_BLOCK_C, VEC=vec, **_LAUNCH)
+        return dx, part[:p].sum(0), part[p:].sum(0)
+    grp = _channel_groups(x, cs, nc) if axis >= 0 else None
+    if grp is not None:  # runs that are not a whole number of vectors: channel-group rows
+        vec, g, bo, bi, p = grp
+        part = torch.empty((2 * p, channels), dtype=torch.float32, device=x.device)
+        K.fq_lsq_backward_grouped_kernel[(nc // g, p)](
+            grad, x, dx, s, zp, part, n // (cs * nc), cs, g * cs // vec, nc // g,
+            float(quant_min), float(quant_max), float(grad_factor), G=g, BLOCK_O=bo,
+            BLOCK_I=bi, VEC=vec, **_LAUNCH)
         return dx, part[:p].sum(0), part[p:].sum(0)
     outer, bo, bi, p_i, p = _plane_tiling(n, cs, nc)
     part = torch.empty((2 * p, channels), dtype=torch.float32, device=x.device)
@@ -206,6 +235,12 @@ def fq_minmax_forward(x, axis, quant_min, quant_max, symmetric, eps, save_mask):
         K.minmax_cinner_partials_kernel[(triton.cdiv(channels, K.CI_BLOCK_C), p)](
             x, part, m, channels // vec, BLOCK_R=K.CI_BLOCK_R, BLOCK_C=K.CI_BLOCK_C, VEC=vec,
             **_LAUNCH)
+    elif _channel_groups(x, cs, channels) is not None:
+        vec, g, bo, bi, p = _channel_groups(x, cs, channels)
+        part = torch.empty((2 * p, channels), dtype=torch.float32, device=x.device)
+        K.minmax_grouped_partials_kernel[(channels // g, p)](
+            x, part, n // (cs * channels), cs, g * cs // vec, channels // g, G=g, BLOCK_O=bo,
+            BLOCK_I=bi, VEC=vec, **_LAUNCH)
     else:
         outer, bo, bi, p_i, p = _plane_tiling(n, cs, channels)
         part = torch.empty((2 * p, channels), dtype=torch.float32, device=x.device)
