@@ -40,14 +40,40 @@ class AotSpec:
 MAX_SCALAR_DIVS = 4  # per-program divisions of a kernel without per-element ones
 
 
+def _is_128bit(op: str) -> bool:
+    return any(t in op for t in (".v4.b32", ".v4.f32", ".v2.b64", ".v4.u32"))
+
+
+def _loop_ops(ptx: str, prefix: str) -> list:
+    """The `prefix` instructions (e.g. ld.global) inside loops: between a label and a later
+    branch back to it."""
+    lines = ptx.splitlines()
+    labels = {}
+    body = set()
+    for i, line in enumerate(lines):
+        m = re.match(r"\s*(\$\w+):", line)
+        if m:
+            labels[m.group(1)] = i
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$\w+);", line)
+        if m and m.group(1) in labels:  # a backward branch closes a loop
+            body.update(range(labels[m.group(1)], i + 1))
+    return [op for i in sorted(body) for op in re.findall(prefix + r"[\w.:]*", lines[i])]
+
+
 def _analyse(ptx: str) -> dict:
     widths = re.findall(r"ld\.global[\w.:]*", ptx)  # incl. cache hints (L1::evict_first)
     vec = [w for w in widths if ".v4" in w or ".v2" in w]
+    loop_loads = _loop_ops(ptx, r"ld\.global")
     return {
         "global_loads": len(widths),
         "vector_loads": len(vec),
-        "has_128bit_load": any(".v4.b32" in w or ".v4.f32" in w or ".v2.b64" in w or ".v4.u32" in w
-                               for w in widths),
+        "has_128bit_load": any(_is_128bit(w) for w in widths),
+        "has_128bit_store": any(_is_128bit(w) for w in re.findall(r"st\.global[\w.:]*", ptx)),
+        # loads in the kernel's loops (its hot path, where it has one) and how many are 128-bit
+        "loop_loads": len(loop_loads),
+        "loop_128bit_loads": sum(map(_is_128bit, loop_loads)),
+        "loop_div_rn": len(_loop_ops(ptx, r"\bdiv\.rn\.f32")),
+        "loop_int_div": len(_loop_ops(ptx, r"\b(?:div|rem)\.[su](?:32|64)")),
         "local_memory": bool(re.search(r"\.local\b|ld\.local|st\.local", ptx)),
         "div_rn": len(re.findall(r"\bdiv\.rn\.f32", ptx)),
         "int_div": len(re.findall(r"\b(?:div|rem)\.[su](?:32|64)", ptx)),

@@ -1,6 +1,7 @@
 """Every Triton kernel compiles for real GPUs (sm_80, sm_90) on this CPU-only machine, and its
 PTX carries the performance intent: 128-bit global loads in streaming kernels (at odd sizes for
-the fake-quant family and 14x14 attention maps), no spills, no per-element divisions where a
+the fake-quant family, 7x7 and 14x14 attention maps, channel counts that are not 16-divisible),
+inside the hot loop where the kernel has one; no spills; no per-element divisions where a
 per-program one does."""
 import json
 import os
@@ -64,15 +65,62 @@ def test_no_per_element_divisions(compiled):
 
 def test_fake_quant_streaming_specs_claim_no_aligned_sizes():
     """The fake-quant streaming specs compile with sizes of unknown divisibility (odd numel,
-    channel stride), so their 128-bit loads hold for odd shapes too, not only for
-    16-divisible ones (Triton specialises a size divisible by 16 at launch)."""
+    channel stride, row length), so their 128-bit loads hold for odd shapes too, not only for
+    16-divisible ones (Triton specialises a size divisible by 16 at launch). [rows, channels]
+    and [rows, run] tiles get aligned rows from a row length passed in units of VEC (72
+    channels, a run of 196), as the launchers pass it."""
     from acq_kernels._aot import all_specs
     for s in all_specs():
-        # [rows, channels] tiles: aligned rows need a 16-divisible row length (C = 64 in
-        # their specs; the row count R is odd there)
-        if s.name.startswith(("fq_forward_period", "fq_lsq_backward_cinner",
-                              "minmax_cinner")):
-            assert set(s.aligned) & {"W", "C"}, s.aligned
-        elif s.streaming and s.name.startswith(("fq_", "minmax_")):
+        if s.streaming and s.name.startswith(("fq_", "minmax_")):
             sizes = [a for a in s.aligned if not s.signature[a].startswith("*")]
             assert not sizes, (s.name, sizes)
+
+
+def _by_name(results, prefix):
+    return {r["name"]: r for r in results if r["name"].startswith(prefix)}
+
+
+def test_odd_attention_maps_keep_128bit_loads_in_the_hot_loop(compiled):
+    """NCHW maps whose H*W is not a whole number of 16-byte vectors (7x7 in every dtype,
+    14x14 in 16-bit) go to the plane kernels: every load of F in the forward's channel loop is
+    128-bit (ld.global.v4.b32: 4 fp32 or 8 bf16/fp16), and the backward's tiles load and
+    store 128-bit. The channel-tile kernel at 7x7 (kept for maps whose samples start
+    unaligned) is scalar: the evidence that the plane view is what vectorises."""
+    arch, results = compiled
+    fwd = _by_name(results, "attn_map_plane[")
+    bwd = _by_name(results, "attn_feat_grad_plane[")
+    for shape in ("fp32,7x7", "bf16,7x7", "fp16,7x7,p", "bf16,14x14", "fp16,14x14"):
+        r = fwd[f"attn_map_plane[{shape}]"]
+        assert r["loop_loads"] and r["loop_128bit_loads"] == r["loop_loads"], (arch, r)
+        r = bwd[f"attn_feat_grad_plane[{shape}]"]
+        assert r["has_128bit_load"] and r["has_128bit_store"], (arch, r)
+    # channel-tile kernels with sizes in units of VEC: 14x14 fp32 NCHW, 72 channels nhwc
+    for name in ("attn_map_fwd[fp32,nchw,14x14]", "attn_map_fwd[fp32,nhwc,C72]",
+                 "attn_map_fwd[bf16,nhwc,C72]"):
+        r = _by_name(results, name)[name]
+        assert r["loop_loads"] and r["loop_128bit_loads"] == r["loop_loads"], (arch, r)
+    for name in ("attn_feat_grad[fp32,nhwc,C72]", "attn_feat_grad[bf16,nhwc,C72]"):
+        r = _by_name(results, name)[name]
+        assert r["has_128bit_load"] and r["has_128bit_store"], (arch, r)
+    scalar = _by_name(results, "attn_map_fwd_fused[fp32,nchw,p]")["attn_map_fwd_fused[fp32,nchw,p]"]
+    assert scalar["loop_loads"] and not scalar["loop_128bit_loads"], (arch, scalar)
+
+
+def test_per_channel_plane_kernels_do_not_divide_per_element(compiled):
+    """Per-channel LSQ backward and the min/max partials of a channel that is not one
+    contiguous range (NCHW axis 1) walk [rows, run] tiles of each channel: no integer divide
+    or modulo and no IEEE division inside their loops (1/scale and the program split once per
+    program), and 128-bit loads in the loop where the run is a whole number of vectors (14x14
+    fp32, 28x28 bf16 -- sizes not declared 16-divisible) or G channels' runs are (7x7: the
+    channel-group kernels). The [rows, run] kernels at a run of 49 stay scalar (odd_run)."""
+    arch, results = compiled
+    for prefix in ("fq_lsq_backward[", "minmax_channel_partials[", "fq_lsq_backward_cinner[",
+                   "minmax_cinner_partials[", "fq_lsq_backward_grouped[",
+                   "minmax_grouped_partials["):
+        rs = _by_name(results, prefix)
+        assert rs, prefix
+        for r in rs.values():
+            assert r["loop_loads"], r
+            assert not r["loop_int_div"] and not r["loop_div_rn"], (arch, r)
+            if "odd_run" not in r["name"]:
+                assert r["loop_128bit_loads"], (arch, r)

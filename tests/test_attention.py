@@ -340,3 +340,83 @@ def test_float64_not_offered_by_triton():
         pytest.skip("triton not usable here")
     with pytest.raises(RuntimeError, match="triton"):
         run("triton", torch.randn(1, 2, 3, 3, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- odd NCHW maps (plane kernels)
+
+# (shape, the plane kernels run on it contiguous in fp32, in bf16): H*W not a multiple of the
+# 16-byte vector; samples starting unaligned (C*H*W not a whole number of vectors: batch 3 with
+# 5 channels of 7x7) take the channel-tile kernels.
+ODD_MAPS = [((2, 16, 7, 7), True, True), ((3, 5, 7, 7), False, False),
+            ((3, 8, 5, 5), True, True), ((2, 8, 3, 3), True, True),
+            ((2, 4, 14, 14), False, True), ((1, 5, 14, 14), False, False),
+            ((2, 7, 4, 4), False, False), ((2, 16, 33, 31), True, True),
+            ((2, 3, 9, 9), False, False), ((2, 4, 9, 9), True, False)]
+
+
+def _spy_plane(monkeypatch):
+    """The names of the plane kernels launched from now on."""
+    from acq_kernels.attention import triton_kernels as tk
+    used = []
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            used.append(self.name)
+            return self.kernel[grid]
+
+    for name in ("_attn_map_plane_kernel", "_attn_feat_grad_plane_kernel"):
+        monkeypatch.setattr(tk, name, Spy(name, getattr(tk, name)))
+    return used
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not usable here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,plane_fp32,plane_bf16", ODD_MAPS,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else None)
+def test_odd_nchw_maps_match_reference(monkeypatch, shape, plane_fp32, plane_bf16, dtype):
+    """7x7, 14x14, 5x5, 3x3, 9x9, 33x31 NCHW maps (the plane kernels: rows of G channels,
+    several column blocks folded by the finalize kernel) against the reference, forward and
+    backward, p = 2 and general p, contiguous and channel-slice views; and the plane kernels
+    run exactly where expected."""
+    used = _spy_plane(monkeypatch)
+    feat = make_feat(shape, "contiguous", dtype)
+    check_forward_backward("triton", feat)
+    expected = plane_fp32 if dtype == torch.float32 else plane_bf16
+    assert bool(used) == expected and len(set(used)) in (0, 2), used
+    check_forward_backward("triton", feat, p=1.5)
+    check_forward_backward("triton", make_feat(shape, "slice", dtype))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not usable here")
+@pytest.mark.parametrize("shape,dtype", [((2, 5, 7, 7), torch.float32),
+                                         ((2, 5, 7, 7), torch.bfloat16),
+                                         ((3, 1, 7, 7), torch.float32),
+                                         ((2, 5, 33, 31), torch.float32),
+                                         ((2, 5, 33, 31), torch.bfloat16)],
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_odd_nchw_channel_slices_with_a_partial_row(monkeypatch, shape, dtype):
+    """A channel slice of C of C + 3 channels (sample stride (C + 3)*H*W, a whole number of
+    vectors): C % G channels make a partial last row of the forward's plane view, alone
+    (C = 1) or after full rows, in one or several column blocks. (dF is contiguous, C*H*W
+    not a whole number of vectors: its backward takes the channel-tile kernel.)"""
+    used = _spy_plane(monkeypatch)
+    feat = make_feat(shape, "slice", dtype)
+    check_forward_backward("triton", feat)
+    check_forward_backward("triton", feat, p=3.0)
+    assert set(used) == {"_attn_map_plane_kernel"}, used
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not usable here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 72, 5, 7), (2, 20, 7, 7), (3, 6, 4, 4), (2, 24, 14, 14)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_channels_last_channel_counts_in_vector_units(shape, dtype):
+    """channels_last maps with channel counts that are not 16-divisible (72, 20, 6, 24): the
+    channel-tile kernels take C and the strides across it in units of the widest vector
+    dividing them (4 / 8 / 2), against the reference, p = 2 and general p."""
+    feat = make_feat(shape, "channels_last", dtype)
+    check_forward_backward("triton", feat)
+    check_forward_backward("triton", feat, p=1.5)

@@ -87,7 +87,7 @@ def test_fake_quant_grids_within_cuda_limits(launches, shape, axis, channels_las
     assert any(n.startswith("fq_lsq_backward") for n in names)
     if channels_last:  # the channel-innermost paths
         assert {"fq_forward_period_kernel", "fq_lsq_backward_cinner_kernel",
-                "minmax_cinner_partials_kernel", "minmax_cinner_qparams_kernel"} <= names
+                "minmax_cinner_partials_kernel", "minmax_part_qparams_kernel"} <= names
 
 
 @pytest.mark.parametrize("shape,channels_last", [((4096, 64, 112, 112), False),
@@ -322,6 +322,88 @@ def test_channel_innermost_and_period_paths_match_reference(monkeypatch):
         results[b] = r
     for i, (a, b) in enumerate(zip(results["reference"], results["triton"])):
         if i % 8 in (6, 7):  # LSQ scale / zero-point grads: sums in another order
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(a, b), i
+
+
+@pytest.mark.skipif("triton" not in _backend.usable_backends(torch.device("cpu")),
+                    reason="Triton is not usable on CPU here")
+@pytest.mark.parametrize("red_block", [64, 2048], ids=["tiny_tiles", "default"])
+def test_per_channel_plane_paths_match_reference(monkeypatch, red_block):
+    """Per-channel min/max and LSQ backward over [outer, C, run] planes (NCHW axis 1 with odd
+    runs: 7x7, 5x5, 3x3, 14x14; a middle axis of a 3-D tensor; axis 0 with an odd row, which
+    is not fused with a mask): [rows, run] tiles of each channel, split over rows and column
+    blocks, or rows of G channels where G divides C (8 x 7x7, 12 x 5x5, 4 x 3x3, 6 x 3x6),
+    against the reference. Tiny tiles force the multi-program and masked-tail paths."""
+    monkeypatch.setattr(FK, "RED_BLOCK", red_block)
+    monkeypatch.setattr(FK, "MAX_PARTIALS", 64)
+    from acq_kernels.fake_quant import reference
+    monkeypatch.setattr(reference, "lsq_uses_fma", lambda device: False)  # like forms
+    cases = [(torch.randn(3, 5, 7, 7) * 2, 1), (torch.randn(3, 5, 5, 5), 1),
+             (torch.randn(2, 3, 3, 3), 1), (torch.randn(2, 4, 14, 14) * 3, 1),
+             (torch.randn(5, 3, 11), 1), (torch.randn(3, 203) * 2, 0),
+             (torch.randn(2, 6, 10, 13)[:, 1:6], 1),
+             # channel-group rows (G = 4 channels of an odd run; 2 of a run of 2 mod 4)
+             (torch.randn(3, 8, 7, 7) * 2, 1), (torch.randn(2, 12, 5, 5), 1),
+             (torch.randn(37, 4, 3, 3), 1), (torch.randn(2, 6, 3, 6), 1)]
+    results = {}
+    for b in ("reference", "triton"):
+        r = []
+        with ak.set_backend(b):
+            for x, axis in cases:
+                c = x.size(axis)
+                g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+                xx = x.clone().requires_grad_()
+                out, s, z = ak.fake_quantize_minmax(xx, -8, 7, axis=axis)
+                out.backward(g)
+                r += [out, s, z, xx.grad]
+                scale = torch.rand(c, generator=torch.Generator().manual_seed(2)) * 0.3 + 0.05
+                zp = torch.randn(c, generator=torch.Generator().manual_seed(3)) * 2
+                xx, ss, zz = (t.clone().requires_grad_() for t in (x, scale, zp))
+                y = ak.fake_quantize_learnable(xx, ss, zz, -8, 7, axis=axis)
+                y.backward(g)
+                r += [y, xx.grad, ss.grad, zz.grad]
+        results[b] = r
+    for i, (a, b) in enumerate(zip(results["reference"], results["triton"])):
+        if i % 8 in (6, 7):  # LSQ scale / zero-point grads: sums in another order
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(a, b), i
+
+
+@pytest.mark.skipif("triton" not in _backend.usable_backends(torch.device("cpu")),
+                    reason="Triton is not usable on CPU here")
+@pytest.mark.parametrize("channels", [6, 20, 24, 72, 13])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_channel_innermost_row_lengths_in_vector_units_match_reference(channels, dtype):
+    """The channel-innermost and period kernels take C (W) in units of VEC (the widest
+    vector dividing it: 2, 4, 8 or 1 for 13 channels): channels_last and [N, C] per-channel
+    min/max, fake quant and LSQ backward against the reference."""
+    from acq_kernels.fake_quant import reference
+    xs = [(torch.randn(3, channels, 5, 7) * 2).to(dtype).contiguous(
+              memory_format=torch.channels_last),
+          (torch.randn(37, channels) * 3).to(dtype)]
+    results = {}
+    for b in ("reference", "triton"):
+        r = []
+        with ak.set_backend(b):
+            for x in xs:
+                out, s, z = ak.fake_quantize_minmax(x, -8, 7, axis=1)
+                r += [out, s, z]
+                if dtype == torch.float32:
+                    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+                    sc = torch.rand(channels, generator=torch.Generator().manual_seed(2)) + 0.05
+                    zp = torch.randn(channels, generator=torch.Generator().manual_seed(3)) * 2
+                    xx, ss, zz = (t.clone().requires_grad_() for t in (x, sc, zp))
+                    with pytest.MonkeyPatch.context() as mp:
+                        mp.setattr(reference, "lsq_uses_fma", lambda device: False)
+                        y = ak.fake_quantize_learnable(xx, ss, zz, -8, 7, axis=1)
+                        y.backward(g)
+                    r += [y, xx.grad, ss.grad, zz.grad]
+        results[b] = r
+    for i, (a, b) in enumerate(zip(results["reference"], results["triton"])):
+        if a.dim() == 1 and a.dtype == torch.float32 and i % 7 in (5, 6):  # LSQ sums
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
         else:
             assert torch.equal(a, b), i

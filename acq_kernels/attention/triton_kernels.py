@@ -11,7 +11,16 @@ Layouts: CHANNELS_LAST=False addresses F as n*stride_n + c*stride_c + s (pixels 
 NCHW and channel slices of it); CHANNELS_LAST=True as n*stride_n + s*stride_s + c (channels
 contiguous: channels_last and channel slices of it). Tiles are [BLOCK_C, BLOCK_HW] either way;
 Triton's coalescing picks the contiguous axis from the offsets.
+
+NCHW maps whose H*W is not a whole number of 16-byte vectors (7x7 in any dtype, 14x14 in
+16-bit) would read channel rows that start unaligned, so scalar loads. When the channels of a
+sample are one aligned run, the plane kernels (`_attn_map_plane_kernel`,
+`_attn_feat_grad_plane_kernel`) read it instead as rows of G channels (G*H*W a whole number of
+vectors) with column j holding pixel j % (H*W): 128-bit loads, and the G column sums of a
+pixel are folded once per sample (see plane_geometry).
 """
+import math
+
 import triton
 import triton.language as tl
 
@@ -30,6 +39,17 @@ def _pow_abs(x, p, P_IS_TWO: tl.constexpr):
     else:
         # exp(p log|x|): 0 at x == 0 (exp(-inf)), NaN stays NaN.
         return tl.exp(p * tl.log(tl.abs(x)))
+
+
+@triton.jit
+def _pow_grad(x, pm1, P_IS_TWO: tl.constexpr):
+    """d|x|^p/dx without p: x (p == 2) or sign(x)|x|^(p-1), 0 at x == 0."""
+    if P_IS_TWO:
+        return x
+    else:
+        # log of 1 at x == 0 keeps 0 * -inf (p == 1) and exp(+inf) (p < 1) out of the way.
+        mag = tl.exp(pm1 * tl.log(tl.where(x == 0.0, 1.0, tl.abs(x))))
+        return tl.where(x == 0.0, 0.0, tl.where(x > 0.0, mag, -mag))
 
 
 @triton.jit
@@ -78,10 +98,16 @@ def _attn_map_kernel(f_ptr, a32_ptr, amap_ptr, anorm_ptr, center_ptr, stats_ptr,
                      CHANNELS_LAST: tl.constexpr, P_IS_TWO: tl.constexpr,
                      FINALIZE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
                      VEC: tl.constexpr):
-    """HW, stride_n and stride_c come in units of VEC elements (see _vec_units)."""
-    HW = HW * VEC
+    """The contiguous axis' size and the strides that step across it come in units of VEC
+    elements (see vec_units): HW, stride_n, stride_c (NCHW); C, stride_n, stride_s
+    (channels_last)."""
     stride_n = stride_n * VEC
-    stride_c = stride_c * VEC
+    if CHANNELS_LAST:
+        C = C * VEC
+        stride_s = stride_s * VEC
+    else:
+        HW = HW * VEC
+        stride_c = stride_c * VEC
     pid = tl.program_id(0)
     n = (pid // n_hw_blocks).to(tl.int64)  # n * HW, n * stride_n may pass 2^31
     hb = pid % n_hw_blocks
@@ -106,12 +132,76 @@ def _attn_map_kernel(f_ptr, a32_ptr, amap_ptr, anorm_ptr, center_ptr, stats_ptr,
 
 
 @triton.jit
-def _attn_finalize_kernel(a32_ptr, amap_ptr, anorm_ptr, center_ptr, stats_ptr, H, W,
-                          BLOCK: tl.constexpr):
-    """Second pass over the fp32 map of one sample when it spans several forward programs."""
+def _plane_fold(col_ptr, s, smask, HW, G: tl.constexpr, BLOCK: tl.constexpr):
+    """Per-pixel sums from one sample's plane column sums: a[s] = sum_g col[g HW + s]."""
+    a = tl.zeros([BLOCK], dtype=tl.float32)
+    for g in tl.static_range(G):
+        a += tl.load(col_ptr + g * HW + s, mask=smask, other=0.0)
+    return a
+
+
+@triton.jit
+def _attn_map_plane_kernel(f_ptr, col_ptr, a32_ptr, amap_ptr, anorm_ptr, center_ptr, stats_ptr,
+                           C, HW, H, W, R, T, GHW, stride_n, n_jb, p,
+                           P_IS_TWO: tl.constexpr, FINALIZE: tl.constexpr, G: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_HW: tl.constexpr,
+                           VEC: tl.constexpr):
+    """Forward for NCHW maps whose H*W is not a multiple of the 16-byte vector (7x7, 14x14
+    in 16-bit): sample n's channels are one contiguous C*HW run, read as R rows of GHW = G*HW
+    elements (G channels; GHW a multiple of VEC, so every row starts 16-byte aligned and
+    the loads stay 128-bit) plus a partial row of T = (C % G)*HW. Column j holds pixel
+    j % HW; program (n, jb) sums |F|^p down its columns into col[n, j] (fp32). FINALIZE (one
+    program has every column): the same program folds the G columns of each pixel
+    (after a barrier: other threads wrote them) and writes every output; otherwise
+    _attn_finalize_kernel folds. GHW and stride_n come in units of VEC."""
+    GHW = GHW * VEC
+    stride_n = stride_n * VEC
+    pid = tl.program_id(0)
+    n = (pid // n_jb).to(tl.int64)  # n * stride_n may pass 2^31
+    jb = pid % n_jb
+    j = jb * BLOCK_J + tl.arange(0, BLOCK_J)
+    jmask = j < GHW
+    base = f_ptr + n * stride_n
+    rs = tl.arange(0, BLOCK_R)
+    acc = tl.zeros([BLOCK_R, BLOCK_J], dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + rs
+        rv = r < R
+        off = tl.where(rv, r, 0)[:, None] * GHW + j[None, :]
+        x = tl.load(base + off, mask=rv[:, None] & jmask[None, :], other=0.0).to(tl.float32)
+        acc += _pow_abs(x, p, P_IS_TWO)
+    col = tl.sum(acc, axis=0)
+    if T > 0:  # the last C % G channels: one partial, masked row
+        tm = j < T
+        x = tl.load(base + R * GHW + j, mask=tm, other=0.0).to(tl.float32)
+        col += tl.where(tm, _pow_abs(x, p, P_IS_TWO), 0.0)
+    tl.store(col_ptr + n * GHW + j, col, mask=jmask)
+    if FINALIZE:
+        tl.debug_barrier()
+        s = tl.arange(0, BLOCK_HW)
+        smask = s < HW
+        a = _plane_fold(col_ptr + n * GHW, s, smask, HW, G, BLOCK_HW) / C
+        tl.store(a32_ptr + n * HW + s, a, mask=smask)
+        _finalize_block(a, s, smask, W, H, n, amap_ptr, anorm_ptr, center_ptr, stats_ptr)
+
+
+@triton.jit
+def _finalize_map(a32_ptr, col_ptr, n, s, m, C, HW, G: tl.constexpr, BLOCK: tl.constexpr):
+    """The fp32 map at pixels s of sample n: from a32 (G = 0), or folded from the plane
+    forward's column sums (G > 0)."""
+    if G > 0:
+        return _plane_fold(col_ptr + n * (G * HW), s, m, HW, G, BLOCK) / C
+    else:
+        return tl.load(a32_ptr + n * HW + s, mask=m, other=0.0)
+
+
+@triton.jit
+def _attn_finalize_kernel(a32_ptr, col_ptr, amap_ptr, anorm_ptr, center_ptr, stats_ptr, C, H, W,
+                          G: tl.constexpr, BLOCK: tl.constexpr):
+    """Second pass over the fp32 map of one sample when it spans several forward programs
+    (G > 0: the plane forward's G column sums per pixel are folded here, and a32 written)."""
     n = tl.program_id(0).to(tl.int64)
     HW = H * W
-    row = a32_ptr + n * HW
     sq = tl.zeros([BLOCK], dtype=tl.float32)
     tot = tl.zeros([BLOCK], dtype=tl.float32)
     sx = tl.zeros([BLOCK], dtype=tl.float32)
@@ -119,7 +209,9 @@ def _attn_finalize_kernel(a32_ptr, amap_ptr, anorm_ptr, center_ptr, stats_ptr, H
     for s0 in range(0, HW, BLOCK):
         s = s0 + tl.arange(0, BLOCK)
         m = s < HW
-        a = tl.load(row + s, mask=m, other=0.0)
+        a = _finalize_map(a32_ptr, col_ptr, n, s, m, C, HW, G, BLOCK)
+        if G > 0:
+            tl.store(a32_ptr + n * HW + s, a, mask=m)
         w = s % W
         h = s // W
         sq += a * a
@@ -132,7 +224,7 @@ def _attn_finalize_kernel(a32_ptr, amap_ptr, anorm_ptr, center_ptr, stats_ptr, H
     for s0 in range(0, HW, BLOCK):
         s = s0 + tl.arange(0, BLOCK)
         m = s < HW
-        a = tl.load(row + s, mask=m, other=0.0)
+        a = _finalize_map(a32_ptr, col_ptr, n, s, m, C, HW, G, BLOCK)
         tl.store(amap_ptr + n * HW + s, a.to(dt), mask=m)
         tl.store(anorm_ptr + n * HW + s, (a * inv).to(dt), mask=m)
     _store_center_and_stats(center_ptr, stats_ptr, n, norm, tot_t, cx, cy)
@@ -198,12 +290,18 @@ def _attn_feat_grad_kernel(f_ptr, da_ptr, df_ptr, C, HW,
                            BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
                            VEC: tl.constexpr):
     """dF = dA[n, s] * scale * g(F); g = F (p == 2, scale = 2/C) or sign(F)|F|^(p-1)
-    (scale = p/C), 0 at F == 0. HW and the n / c strides come in units of VEC elements."""
-    HW = HW * VEC
+    (scale = p/C), 0 at F == 0. As in _attn_map_kernel, the contiguous axis' size (HW or C)
+    and the n and c (NCHW) / s (channels_last) strides come in units of VEC elements."""
     f_stride_n = f_stride_n * VEC
-    f_stride_c = f_stride_c * VEC
     g_stride_n = g_stride_n * VEC
-    g_stride_c = g_stride_c * VEC
+    if CHANNELS_LAST:
+        C = C * VEC
+        f_stride_s = f_stride_s * VEC
+        g_stride_s = g_stride_s * VEC
+    else:
+        HW = HW * VEC
+        f_stride_c = f_stride_c * VEC
+        g_stride_c = g_stride_c * VEC
     pid = tl.program_id(0)
     n = (pid // n_hw_blocks).to(tl.int64)
     hb = pid % n_hw_blocks
@@ -219,14 +317,38 @@ def _attn_feat_grad_kernel(f_ptr, da_ptr, df_ptr, C, HW,
         f_off = c[:, None] * f_stride_c + s[None, :]
         g_off = c[:, None] * g_stride_c + s[None, :]
     x = tl.load(f_ptr + n * f_stride_n + f_off, mask=m, other=0.0).to(tl.float32)
-    if P_IS_TWO:
-        g = x
-    else:
-        # log of 1 at x == 0 keeps 0 * -inf (p == 1) and exp(+inf) (p < 1) out of the way.
-        mag = tl.exp(pm1 * tl.log(tl.where(x == 0.0, 1.0, tl.abs(x))))
-        g = tl.where(x == 0.0, 0.0, tl.where(x > 0.0, mag, -mag))
-    out = da[None, :] * g
+    out = da[None, :] * _pow_grad(x, pm1, P_IS_TWO)
     tl.store(df_ptr + n * g_stride_n + g_off, out.to(df_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _attn_feat_grad_plane_kernel(f_ptr, da_ptr, df_ptr, HW, R, GHW, f_stride_n, g_stride_n,
+                                 n_jb, scale, pm1, P_IS_TWO: tl.constexpr,
+                                 BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
+                                 VEC: tl.constexpr):
+    """_attn_feat_grad_kernel on the plane view of _attn_map_plane_kernel (NCHW, H*W not a
+    multiple of the vector): program (n, jb; rb) owns rows rb*BLOCK_R.. and columns jb*BLOCK_J..
+    of sample n's [R, GHW] rows. dF is contiguous, so R*GHW = C*HW here (whole rows only:
+    C*HW a whole number of vectors means C % G == 0). The pixel of a column (j % HW) and its
+    dA are found once per column, not per element; the mask is constant over VEC columns,
+    so accesses stay 128-bit. GHW and the n strides come in units of VEC."""
+    GHW = GHW * VEC
+    f_stride_n = f_stride_n * VEC
+    g_stride_n = g_stride_n * VEC
+    pid = tl.program_id(0)
+    n = (pid // n_jb).to(tl.int64)
+    jb = pid % n_jb
+    j = jb * BLOCK_J + tl.arange(0, BLOCK_J)
+    jmask = j < GHW
+    pix = tl.where(jmask, j, 0) % HW
+    da = tl.load(da_ptr + n * HW + pix, mask=jmask, other=0.0) * scale
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rv = r < R
+    off = tl.where(rv, r, 0)[:, None] * GHW + j[None, :]
+    m = rv[:, None] & jmask[None, :]
+    x = tl.load(f_ptr + n * f_stride_n + off, mask=m, other=0.0).to(tl.float32)
+    out = da[None, :] * _pow_grad(x, pm1, P_IS_TWO)
+    tl.store(df_ptr + n * g_stride_n + off, out.to(df_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -281,117 +403,166 @@ def grad_blocks(C: int, HW: int, channels_last: bool):
     return map_blocks(C, HW, channels_last)
 
 
-def vec_units(element_size: int, channels_last: bool, *sizes: int) -> int:
-    """VEC for the NCHW kernels: the widest 16-byte-or-less element group dividing every size
-    (HW and the n / c strides), passed in units of it so Triton can prove rows start
-    VEC-aligned (14x14 fp32: 4 -> 128-bit loads; 7x7: 1). Triton itself only specialises
-    sizes divisible by 16. channels_last tiles vectorise along C instead: 1."""
-    vec = 1 if channels_last else max(1, 16 // element_size)
+def vec_units(element_size: int, *sizes: int) -> int:
+    """VEC of the channel-tile kernels: the widest 16-byte-or-less element group dividing
+    every size (the contiguous axis' length and the strides across it: HW and the n / c
+    strides for NCHW, C and the n / s strides for channels_last), passed in units of it so
+    Triton can prove rows start VEC-aligned (14x14 fp32: 4 -> 128-bit loads; 72 channels
+    channels_last: 4; 7x7: 1). Triton itself only specialises sizes divisible by 16."""
+    vec = max(1, 16 // element_size)
     while vec > 1 and any(s % vec for s in sizes):
         vec //= 2
     return vec
 
 
+def plane_geometry(element_size: int, N: int, C: int, HW: int, stride_c: int, *stride_ns: int):
+    """(VEC, G) of the plane kernels for an NCHW map, or None where the channel-tile kernels
+    already read 16-byte vectors (HW a multiple of the vector) or the plane view does not
+    apply: channels must follow each other (stride_c == HW) and every sample must start
+    16-byte aligned (its stride a multiple of the vector; not waived for N == 1, so that a
+    sample's result does not depend on the batch it is in). G = channels per row: the fewest
+    whose G*HW elements are a whole number of vectors."""
+    vec = max(1, 16 // element_size)
+    if HW % vec == 0 or stride_c != HW or C < 1:
+        return None
+    if any(sn % vec for sn in stride_ns):
+        return None
+    return vec, vec // math.gcd(HW, vec)
+
+
+def plane_blocks(ghw: int):
+    """(BLOCK_R, BLOCK_J) of a plane tile: ~2K elements, up to 1024 columns, so that maps up
+    to ~1024 / G pixels are covered by one program (which then finalizes in place)."""
+    bj = min(triton.next_power_of_2(ghw), 1024)
+    return max(1, 2048 // bj), bj
+
+
+def _sig(kernel, dt: str, constexprs=(), floats=(), ptr_types=None) -> dict:
+    """An AOT signature from the kernel's argument names: `*_ptr` -> *dt (or ptr_types[name]),
+    names in `floats` -> fp32, constexprs, the rest i32."""
+    ptr_types = ptr_types or {}
+    sig = {}
+    for a in kernel.arg_names:
+        if a in constexprs:
+            sig[a] = "constexpr"
+        elif a.endswith("_ptr"):
+            sig[a] = ptr_types.get(a, f"*{dt}")
+        elif a in floats:
+            sig[a] = "fp32"
+        else:
+            sig[a] = "i32"
+    return sig
+
+
+_F32_OUT = {"a32_ptr": "*fp32", "stats_ptr": "*fp32", "col_ptr": "*fp32", "da_ptr": "*fp32"}
+
+
 def _aot_specs():
     import functools
     AotSpec_ = functools.partial(AotSpec, options={"enable_fp_fusion": ENABLE_FP_FUSION})
+
+    def map_spec(name, dt, constexprs, **kw):
+        return AotSpec_(name=name, kernel=_attn_map_kernel, constexprs=constexprs,
+                        signature=_sig(_attn_map_kernel, dt, constexprs, ("p",), _F32_OUT), **kw)
+
+    def grad_spec(name, dt, constexprs, **kw):
+        return AotSpec_(name=name, kernel=_attn_feat_grad_kernel, constexprs=constexprs,
+                        signature=_sig(_attn_feat_grad_kernel, dt, constexprs, ("scale", "pm1"),
+                                       _F32_OUT), **kw)
+
     specs = []
     for dt, tag in (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16")):
         for cl in (False, True):
             lay = "nhwc" if cl else "nchw"
             # 64x56x56 (ResNet-18 stage 1): the streaming case that sets the bandwidth target.
             bc, bhw = map_blocks(64, 3136, cl)
-            specs.append(AotSpec_(
-                name=f"attn_map_fwd[{tag},{lay}]", kernel=_attn_map_kernel,
-                signature={"f_ptr": f"*{dt}", "a32_ptr": "*fp32", "amap_ptr": f"*{dt}",
-                           "anorm_ptr": f"*{dt}", "center_ptr": f"*{dt}", "stats_ptr": "*fp32",
-                           "C": "i32", "HW": "i32", "H": "i32", "W": "i32", "stride_n": "i32",
-                           "stride_c": "i32", "stride_s": "i32", "n_hw_blocks": "i32",
-                           "p": "fp32", "CHANNELS_LAST": "constexpr", "P_IS_TWO": "constexpr",
-                           "FINALIZE": "constexpr", "BLOCK_C": "constexpr",
-                           "BLOCK_HW": "constexpr", "VEC": "constexpr"},
-                constexprs={"CHANNELS_LAST": cl, "P_IS_TWO": True, "FINALIZE": False,
-                            "BLOCK_C": bc, "BLOCK_HW": bhw, "VEC": 1},
+            specs.append(map_spec(
+                f"attn_map_fwd[{tag},{lay}]", dt,
+                {"CHANNELS_LAST": cl, "P_IS_TWO": True, "FINALIZE": False, "BLOCK_C": bc,
+                 "BLOCK_HW": bhw, "VEC": 1},
                 aligned=("f_ptr", "a32_ptr", "C", "HW", "stride_n", "stride_c", "stride_s"),
                 streaming=True))
-            specs.append(AotSpec_(
-                name=f"attn_feat_grad[{tag},{lay}]", kernel=_attn_feat_grad_kernel,
-                signature={"f_ptr": f"*{dt}", "da_ptr": "*fp32", "df_ptr": f"*{dt}", "C": "i32",
-                           "HW": "i32", "f_stride_n": "i32", "f_stride_c": "i32",
-                           "f_stride_s": "i32", "g_stride_n": "i32", "g_stride_c": "i32",
-                           "g_stride_s": "i32", "n_hw_blocks": "i32", "scale": "fp32",
-                           "pm1": "fp32", "CHANNELS_LAST": "constexpr", "P_IS_TWO": "constexpr",
-                           "BLOCK_C": "constexpr", "BLOCK_HW": "constexpr", "VEC": "constexpr"},
-                constexprs={"CHANNELS_LAST": cl, "P_IS_TWO": True, "BLOCK_C": bc,
-                            "BLOCK_HW": bhw, "VEC": 1},
+            specs.append(grad_spec(
+                f"attn_feat_grad[{tag},{lay}]", dt,
+                {"CHANNELS_LAST": cl, "P_IS_TWO": True, "BLOCK_C": bc, "BLOCK_HW": bhw,
+                 "VEC": 1},
                 aligned=("f_ptr", "da_ptr", "df_ptr", "C", "HW", "f_stride_n", "f_stride_c",
                          "f_stride_s", "g_stride_n", "g_stride_c", "g_stride_s"),
                 streaming=True))
-    # 256x14x14 (ResNet-18 stage 3, NCHW): HW = 196 is not 16-divisible; in units of VEC = 4
-    # rows are provably 16-byte aligned, so the loads stay 128-bit.
+    # 256x14x14 (ResNet-18 stage 3, NCHW fp32): HW = 196 is not 16-divisible; in units of
+    # VEC = 4 rows are provably 16-byte aligned, so the channel-tile loads stay 128-bit.
     bc, bhw = map_blocks(256, 196, False)
-    specs.append(AotSpec_(
-        name="attn_map_fwd[fp32,nchw,14x14]", kernel=_attn_map_kernel,
-        signature={"f_ptr": "*fp32", "a32_ptr": "*fp32", "amap_ptr": "*fp32",
-                   "anorm_ptr": "*fp32", "center_ptr": "*fp32", "stats_ptr": "*fp32",
-                   "C": "i32", "HW": "i32", "H": "i32", "W": "i32", "stride_n": "i32",
-                   "stride_c": "i32", "stride_s": "i32", "n_hw_blocks": "i32", "p": "fp32",
-                   "CHANNELS_LAST": "constexpr", "P_IS_TWO": "constexpr", "FINALIZE": "constexpr",
-                   "BLOCK_C": "constexpr", "BLOCK_HW": "constexpr", "VEC": "constexpr"},
-        constexprs={"CHANNELS_LAST": False, "P_IS_TWO": True, "FINALIZE": True, "BLOCK_C": bc,
-                    "BLOCK_HW": bhw, "VEC": vec_units(4, False, 196, 256 * 196, 196)},
-        aligned=("f_ptr", "a32_ptr"), streaming=True))
-    specs.append(AotSpec_(
-        name="attn_feat_grad[fp32,nchw,14x14]", kernel=_attn_feat_grad_kernel,
-        signature={"f_ptr": "*fp32", "da_ptr": "*fp32", "df_ptr": "*fp32", "C": "i32",
-                   "HW": "i32", "f_stride_n": "i32", "f_stride_c": "i32",
-                   "f_stride_s": "i32", "g_stride_n": "i32", "g_stride_c": "i32",
-                   "g_stride_s": "i32", "n_hw_blocks": "i32", "scale": "fp32",
-                   "pm1": "fp32", "CHANNELS_LAST": "constexpr", "P_IS_TWO": "constexpr",
-                   "BLOCK_C": "constexpr", "BLOCK_HW": "constexpr", "VEC": "constexpr"},
-        constexprs={"CHANNELS_LAST": False, "P_IS_TWO": True, "BLOCK_C": bc, "BLOCK_HW": bhw,
-                    "VEC": vec_units(4, False, 196, 256 * 196, 196)},
+    vec = vec_units(4, 196, 256 * 196, 196)
+    specs.append(map_spec(
+        "attn_map_fwd[fp32,nchw,14x14]", "fp32",
+        {"CHANNELS_LAST": False, "P_IS_TWO": True, "FINALIZE": True, "BLOCK_C": bc,
+         "BLOCK_HW": bhw, "VEC": vec}, aligned=("f_ptr", "a32_ptr"), streaming=True))
+    specs.append(grad_spec(
+        "attn_feat_grad[fp32,nchw,14x14]", "fp32",
+        {"CHANNELS_LAST": False, "P_IS_TWO": True, "BLOCK_C": bc, "BLOCK_HW": bhw, "VEC": vec},
         aligned=("f_ptr", "da_ptr", "df_ptr"), streaming=True))
-    # 512x7x7 (ResNet-18 stage 4): one program covers the map, so it finalizes in place; general p.
-    bc, bhw = map_blocks(512, 49, False)
+    # channels_last with a channel count that is not 16-divisible (72: MobileNet/EfficientNet
+    # widths): C and the strides across it in units of VEC keep the loads 128-bit.
+    for dt, esize in (("fp32", 4), ("bf16", 2)):
+        bc, bhw = map_blocks(72, 784, True)
+        vec = vec_units(esize, 72, 72 * 784, 72)
+        specs.append(map_spec(
+            f"attn_map_fwd[{dt},nhwc,C72]", dt,
+            {"CHANNELS_LAST": True, "P_IS_TWO": True, "FINALIZE": False, "BLOCK_C": bc,
+             "BLOCK_HW": bhw, "VEC": vec}, aligned=("f_ptr", "a32_ptr"), streaming=True))
+        specs.append(grad_spec(
+            f"attn_feat_grad[{dt},nhwc,C72]", dt,
+            {"CHANNELS_LAST": True, "P_IS_TWO": True, "BLOCK_C": bc, "BLOCK_HW": bhw,
+             "VEC": vec}, aligned=("f_ptr", "da_ptr", "df_ptr"), streaming=True))
+    # The channel-tile kernel where no vector fits (a 7x7 map whose samples start unaligned,
+    # e.g. an odd channel count): scalar, one program per map, finalized in place; general p.
+    bc, bhw = map_blocks(511, 49, False)
+    specs.append(map_spec(
+        "attn_map_fwd_fused[fp32,nchw,p]", "fp32",
+        {"CHANNELS_LAST": False, "P_IS_TWO": False, "FINALIZE": True, "BLOCK_C": bc,
+         "BLOCK_HW": bhw, "VEC": 1}, aligned=("f_ptr",)))
+    # Plane kernels: NCHW maps whose H*W is not a whole number of 16-byte vectors (ResNet-18
+    # stage 4, 512x7x7, in every dtype; stage 3, 256x14x14, in 16-bit). Sizes are not declared
+    # divisible: the 128-bit loads come from the units of VEC alone.
+    for dt, (C, H), p2 in (("fp32", (512, 7), True), ("bf16", (512, 7), True),
+                           ("fp16", (512, 7), False), ("bf16", (256, 14), True),
+                           ("fp16", (256, 14), True)):
+        HW = H * H
+        vec, G = plane_geometry(4 if dt == "fp32" else 2, 2, C, HW, HW, C * HW)
+        br, bj = plane_blocks(G * HW)
+        tag = f"{dt},{H}x{H}" + ("" if p2 else ",p")
+        fwd_cx = {"P_IS_TWO": p2, "FINALIZE": True, "G": G, "BLOCK_R": br, "BLOCK_J": bj,
+                  "BLOCK_HW": triton.next_power_of_2(HW), "VEC": vec}
+        specs.append(AotSpec_(
+            name=f"attn_map_plane[{tag}]", kernel=_attn_map_plane_kernel, constexprs=fwd_cx,
+            signature=_sig(_attn_map_plane_kernel, dt, fwd_cx, ("p",), _F32_OUT),
+            aligned=("f_ptr", "col_ptr", "a32_ptr"), streaming=True))
+        bwd_cx = {"P_IS_TWO": p2, "BLOCK_R": br, "BLOCK_J": bj, "VEC": vec}
+        specs.append(AotSpec_(
+            name=f"attn_feat_grad_plane[{tag}]", kernel=_attn_feat_grad_plane_kernel,
+            constexprs=bwd_cx, aligned=("f_ptr", "da_ptr", "df_ptr"), streaming=True,
+            signature=_sig(_attn_feat_grad_plane_kernel, dt, bwd_cx, ("scale", "pm1"),
+                           _F32_OUT)))
+    for G in (0, 4):  # from a32 / folding a plane forward's column sums
+        cx = {"G": G, "BLOCK": 1024}
+        specs.append(AotSpec_(
+            name=f"attn_finalize[bf16{',fold' if G else ''}]", kernel=_attn_finalize_kernel,
+            constexprs=cx, signature=_sig(_attn_finalize_kernel, "bf16", cx, (), _F32_OUT),
+            aligned=("a32_ptr", "col_ptr")))
+    cx = {"HAS_GA": True, "HAS_GN": True, "HAS_GC": True, "BLOCK": 1024}
     specs.append(AotSpec_(
-        name="attn_map_fwd_fused[fp32,nchw,p]", kernel=_attn_map_kernel,
-        signature={"f_ptr": "*fp32", "a32_ptr": "*fp32", "amap_ptr": "*fp32",
-                   "anorm_ptr": "*fp32", "center_ptr": "*fp32", "stats_ptr": "*fp32",
-                   "C": "i32", "HW": "i32", "H": "i32", "W": "i32", "stride_n": "i32",
-                   "stride_c": "i32",
-                   "stride_s": "i32", "n_hw_blocks": "i32", "p": "fp32",
-                   "CHANNELS_LAST": "constexpr", "P_IS_TWO": "constexpr", "FINALIZE": "constexpr",
-                   "BLOCK_C": "constexpr", "BLOCK_HW": "constexpr", "VEC": "constexpr"},
-        constexprs={"CHANNELS_LAST": False, "P_IS_TWO": False, "FINALIZE": True, "BLOCK_C": bc,
-                    "BLOCK_HW": bhw, "VEC": 1},
-        aligned=("f_ptr",)))
-    specs.append(AotSpec_(
-        name="attn_finalize[bf16]", kernel=_attn_finalize_kernel,
-        signature={"a32_ptr": "*fp32", "amap_ptr": "*bf16", "anorm_ptr": "*bf16",
-                   "center_ptr": "*bf16", "stats_ptr": "*fp32", "H": "i32", "W": "i32",
-                   "BLOCK": "constexpr"},
-        constexprs={"BLOCK": 1024}, aligned=("a32_ptr",)))
-    specs.append(AotSpec_(
-        name="attn_map_grad[bf16]", kernel=_attn_map_grad_kernel,
-        signature={"a32_ptr": "*fp32", "stats_ptr": "*fp32", "ga_ptr": "*bf16",
-                   "gn_ptr": "*bf16", "gc_ptr": "*bf16", "da_ptr": "*fp32", "H": "i32",
-                   "W": "i32", "HAS_GA": "constexpr", "HAS_GN": "constexpr", "HAS_GC": "constexpr",
-                   "BLOCK": "constexpr"},
-        constexprs={"HAS_GA": True, "HAS_GN": True, "HAS_GC": True, "BLOCK": 1024},
+        name="attn_map_grad[bf16]", kernel=_attn_map_grad_kernel, constexprs=cx,
+        signature=_sig(_attn_map_grad_kernel, "bf16", cx, (), _F32_OUT),
         aligned=("a32_ptr", "da_ptr")))
+    cx = {"BLOCK": 1024}
     specs.append(AotSpec_(
-        name="pair_sq_dist_fwd[bf16]", kernel=_pair_sq_dist_fwd_kernel,
-        signature={"a_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*fp32", "K": "i32",
-                   "stride_a": "i32", "stride_b": "i32", "BLOCK": "constexpr"},
-        constexprs={"BLOCK": 1024}, aligned=("a_ptr", "b_ptr", "K", "stride_a", "stride_b")))
+        name="pair_sq_dist_fwd[bf16]", kernel=_pair_sq_dist_fwd_kernel, constexprs=cx,
+        signature=_sig(_pair_sq_dist_fwd_kernel, "bf16", cx, (), {"out_ptr": "*fp32"}),
+        aligned=("a_ptr", "b_ptr", "K", "stride_a", "stride_b")))
+    cx = {"WRITE_A": True, "WRITE_B": True, "BLOCK": 1024}
     specs.append(AotSpec_(
-        name="pair_sq_dist_bwd[bf16]", kernel=_pair_sq_dist_bwd_kernel,
-        signature={"a_ptr": "*bf16", "b_ptr": "*bf16", "g_ptr": "*fp32", "ga_ptr": "*bf16",
-                   "gb_ptr": "*bf16", "K": "i32", "stride_a": "i32", "stride_b": "i32",
-                   "stride_ga": "i32", "stride_gb": "i32", "WRITE_A": "constexpr",
-                   "WRITE_B": "constexpr", "BLOCK": "constexpr"},
-        constexprs={"WRITE_A": True, "WRITE_B": True, "BLOCK": 1024},
+        name="pair_sq_dist_bwd[bf16]", kernel=_pair_sq_dist_bwd_kernel, constexprs=cx,
+        signature=_sig(_pair_sq_dist_bwd_kernel, "bf16", cx, (), {"g_ptr": "*fp32"}),
         aligned=("a_ptr", "b_ptr", "ga_ptr", "gb_ptr", "K", "stride_a", "stride_b", "stride_ga",
                  "stride_gb")))
     return specs

@@ -40,19 +40,56 @@ def map_forward(feat: torch.Tensor, p: float):
     stats = torch.empty((N, 4), device=dev, dtype=torch.float32)
     if N == 0:
         return amap, anorm, center, a32, stats
+    plane = None if lay.channels_last else tk.plane_geometry(
+        x.element_size(), N, C, HW, lay.stride_c, lay.stride_n)
+    if plane is not None:
+        _plane_forward(x, lay, plane, p, a32, amap, anorm, center, stats)
+        return amap, anorm, center, a32, stats
     bc, bhw = tk.map_blocks(C, HW, lay.channels_last)
     n_hw = triton.cdiv(HW, bhw)
     fused = n_hw == 1
-    v = tk.vec_units(x.element_size(), lay.channels_last, HW, lay.stride_n, lay.stride_c)
+    cl = lay.channels_last
+    v = tk.vec_units(x.element_size(), *((C, lay.stride_n, lay.stride_s) if cl
+                                         else (HW, lay.stride_n, lay.stride_c)))
+    # the contiguous axis' size and the strides across it in units of v (see tk.vec_units)
+    vc, vs = (v, 1) if cl else (1, v)
     tk._attn_map_kernel[(N * n_hw,)](
-        x, a32, amap, anorm, center, stats, C, HW // v, H, W,
-        lay.stride_n // v, lay.stride_c // v, lay.stride_s, n_hw, float(p),
+        x, a32, amap, anorm, center, stats, C // vc, HW // vs, H, W,
+        lay.stride_n // v, lay.stride_c // vs, lay.stride_s // vc, n_hw, float(p),
         CHANNELS_LAST=lay.channels_last, P_IS_TWO=(p == 2), FINALIZE=fused,
         BLOCK_C=bc, BLOCK_HW=bhw, VEC=v, **_LAUNCH)
     if not fused:
-        tk._attn_finalize_kernel[(N,)](a32, amap, anorm, center, stats, H, W,
+        tk._attn_finalize_kernel[(N,)](a32, a32, amap, anorm, center, stats, C, H, W, G=0,
                                        BLOCK=min(1024, triton.next_power_of_2(HW)), **_LAUNCH)
     return amap, anorm, center, a32, stats
+
+
+def _plane_rows(C: int, HW: int, G: int):
+    """(R, T): full rows of G channels, and the elements of the partial row (C % G channels)."""
+    return C // G, (C % G) * HW
+
+
+def _plane_forward(x, lay, plane, p, a32, amap, anorm, center, stats):
+    """NCHW with H*W not a multiple of the vector: the [rows, G*HW] plane kernels (see
+    tk._attn_map_plane_kernel), in place finalized when one program covers the columns."""
+    N, C, H, W = x.shape
+    HW = H * W
+    vec, G = plane
+    ghw = G * HW
+    R, T = _plane_rows(C, HW, G)
+    br, bj = tk.plane_blocks(ghw)
+    n_jb = triton.cdiv(ghw, bj)
+    fused = n_jb == 1
+    col = torch.empty((N, ghw), device=x.device, dtype=torch.float32)
+    tk._attn_map_plane_kernel[(N * n_jb,)](
+        x, col, a32, amap, anorm, center, stats, C, HW, H, W, R, T, ghw // vec,
+        lay.stride_n // vec, n_jb, float(p), P_IS_TWO=(p == 2),
+        FINALIZE=fused, G=G, BLOCK_R=br, BLOCK_J=bj,
+        BLOCK_HW=triton.next_power_of_2(HW) if fused else 1,  # only the in-place finalize's
+        VEC=vec, **_LAUNCH)
+    if not fused:
+        tk._attn_finalize_kernel[(N,)](a32, col, amap, anorm, center, stats, C, H, W, G=G,
+                                       BLOCK=min(1024, triton.next_power_of_2(HW)), **_LAUNCH)
 
 
 @triton_launcher
@@ -66,15 +103,34 @@ def feat_backward(feat: torch.Tensor, dA: torch.Tensor, p: float, out: torch.Ten
         return out
     glay = grad_layout(feat)
     assert glay.channels_last == lay.channels_last
-    bc, bhw = tk.grad_blocks(C, HW, lay.channels_last)
-    n_hw = triton.cdiv(HW, bhw)
     dA = dA.to(torch.float32).contiguous()
     scale = 2.0 / C if p == 2 else float(p) / C
-    v = tk.vec_units(x.element_size(), lay.channels_last, HW, lay.stride_n, lay.stride_c,
-                     glay.stride_n, glay.stride_c)
+    plane = None if lay.channels_last else tk.plane_geometry(
+        x.element_size(), N, C, HW, lay.stride_c, lay.stride_n, glay.stride_n)
+    if plane is not None and C // plane[1] > 65535:  # grid axis 1 (row blocks of >= 2 rows)
+        plane = None
+    if plane is not None:
+        vec, G = plane
+        ghw = G * HW
+        R, T = _plane_rows(C, HW, G)
+        assert T == 0  # dF is contiguous and its samples aligned: whole rows
+        br, bj = tk.plane_blocks(ghw)
+        n_jb = triton.cdiv(ghw, bj)
+        tk._attn_feat_grad_plane_kernel[(N * n_jb, triton.cdiv(R, br))](
+            x, dA, out, HW, R, ghw // vec, lay.stride_n // vec, glay.stride_n // vec, n_jb,
+            scale, float(p) - 1.0, P_IS_TWO=(p == 2), BLOCK_R=br, BLOCK_J=bj, VEC=vec, **_LAUNCH)
+        return out
+    bc, bhw = tk.grad_blocks(C, HW, lay.channels_last)
+    n_hw = triton.cdiv(HW, bhw)
+    cl = lay.channels_last
+    v = tk.vec_units(x.element_size(),
+                     *((C, lay.stride_n, lay.stride_s, glay.stride_n, glay.stride_s) if cl
+                       else (HW, lay.stride_n, lay.stride_c, glay.stride_n, glay.stride_c)))
+    vc, vs = (v, 1) if cl else (1, v)
     tk._attn_feat_grad_kernel[(N * n_hw, triton.cdiv(C, bc))](
-        x, dA, out, C, HW // v, lay.stride_n // v, lay.stride_c // v, lay.stride_s,
-        glay.stride_n // v, glay.stride_c // v, glay.stride_s, n_hw, scale, float(p) - 1.0,
+        x, dA, out, C // vc, HW // vs, lay.stride_n // v, lay.stride_c // vs,
+        lay.stride_s // vc, glay.stride_n // v, glay.stride_c // vs, glay.stride_s // vc, n_hw,
+        scale, float(p) - 1.0,
         CHANNELS_LAST=lay.channels_last, P_IS_TWO=(p == 2), BLOCK_C=bc, BLOCK_HW=bhw, VEC=v,
         **_LAUNCH)
     return out

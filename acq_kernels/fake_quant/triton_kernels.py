@@ -13,11 +13,14 @@ Bandwidth: flat kernels take an unmasked path for full blocks (128-bit accesses 
 see tests/test_aot.py) and a masked one for the tail block. Per-channel fake quant picks its
 geometry on the host: channel runs >= BLOCK (weights' axis 0, NCHW) -> flat blocks meeting at
 most two channels (SPAN2); shorter runs -> [rows, channel period] tiles with per-column qparams
-(fq_forward_period_kernel); channel-innermost reductions read [rows, channels] tiles.
+(fq_forward_period_kernel); channel-innermost reductions read [rows, channels] tiles; other
+per-channel reductions (LSQ backward, NCHW axis-1 min/max) read [rows, run] tiles of the
+[outer, C, run] view, so no element needs an integer divide to find its channel.
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import triton
 import triton.language as tl
@@ -151,12 +154,14 @@ def fq_forward_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, zp_ptr, N, CH_STRIDE,
 @triton.jit
 def fq_forward_period_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, zp_ptr, R, W, CH_STRIDE,
                              n_wb, qmin, qmax, SAVE_MASK: tl.constexpr, BLOCK_R: tl.constexpr,
-                             BLOCK_W: tl.constexpr):
+                             BLOCK_W: tl.constexpr, VEC: tl.constexpr):
     """Per-channel fake quant with short channel runs (channels_last, [N, C], small NCHW
     maps): x seen as [R, W] rows of one channel period (W = NUM_CH * CH_STRIDE), tiled
     [BLOCK_R, BLOCK_W]; grid (cdiv(R, BLOCK_R) * n_wb,). The channel, scale and 1/scale are
     per column (one divide per column per program, not per element); loads are contiguous
-    along a row. With SAVE_MASK the launcher ensures W % 8 == 0, so rows own whole bytes."""
+    along a row. With SAVE_MASK the launcher ensures W % 8 == 0, so rows own whole bytes.
+    W comes in units of VEC (rows provably vector-aligned, e.g. 72 channels_last channels)."""
+    W = W * VEC
     pid = tl.program_id(0)
     rb = pid // n_wb
     wb = pid % n_wb
@@ -209,78 +214,190 @@ def fq_mask_backward_kernel(g_ptr, mask_ptr, out_ptr, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _channel_offsets(m, c, CH_STRIDE, NUM_CH, PER_CHANNEL: tl.constexpr):
-    """Memory offset of the m-th element of channel c (x seen as [outer, NUM_CH, CH_STRIDE])."""
-    if PER_CHANNEL:
-        return (m // CH_STRIDE) * (CH_STRIDE * NUM_CH) + c * CH_STRIDE + (m % CH_STRIDE)
-    else:
-        return m
-
-
-@triton.jit
-def _lsq_block(g_ptr, x_ptr, dx_ptr, m, valid, c, s, inv, zp, ds_lo, ds_hi, qmin, qmax,
-               grad_factor, acc_s, acc_z, CH_STRIDE, NUM_CH, PER_CHANNEL: tl.constexpr,
-               MASKED: tl.constexpr):
-    """One block of the LSQ backward: writes dx, returns the updated dscale/dzp sums."""
-    o = _channel_offsets(m, c, CH_STRIDE, NUM_CH, PER_CHANNEL)
-    if MASKED:
-        x = tl.load(x_ptr + o, mask=valid, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + o, mask=valid, other=0.0).to(tl.float32)
-    else:
-        x = tl.load(x_ptr + o).to(tl.float32)
-        g = tl.load(g_ptr + o).to(tl.float32)
+def _lsq_math(x, g, s, inv, zp, ds_lo, ds_hi, qmin, qmax, grad_factor):
+    """Per element of the LSQ backward (torch's learnable fake-quant kernels): (dx in fp32,
+    the dscale term, the dzero_point term -- 0 where x is in range)."""
     q = _rne(zp + x * inv)  # torch's backward adds the zero point before rounding
     lo = q < qmin
     hi = q > qmax
     in_range = (q >= qmin) & (q <= qmax)
-    dx = _round_to(g * in_range.to(tl.float32), dx_ptr.dtype.element_ty)
-    if MASKED:
-        tl.store(dx_ptr + o, dx, mask=valid)
-    else:
-        tl.store(dx_ptr + o, dx)
+    dx = g * in_range.to(tl.float32)
     qc = tl.where(lo, qmin, tl.where(hi, qmax, q))
     xfq = (qc - zp) * s
     ds_in = g * (xfq - x) * inv * grad_factor
     ds_out = tl.where(lo, g * ds_lo, g * ds_hi) * grad_factor
     dz_out = g * -1.0 * s * grad_factor
     clipped = lo | hi
-    acc_s += tl.where(valid, tl.where(clipped, ds_out, ds_in), 0.0)
-    acc_z += tl.where(valid & clipped, dz_out, 0.0)
+    return dx, tl.where(clipped, ds_out, ds_in), tl.where(clipped, dz_out, 0.0)
+
+
+@triton.jit
+def _lsq_tile(g_ptr, x_ptr, dx_ptr, offs, valid, s, inv, zp, ds_lo, ds_hi, qmin, qmax,
+              grad_factor, acc_s, acc_z, MASKED: tl.constexpr):
+    """One tile of the LSQ backward: writes dx, returns the updated dscale/dzp sums.
+    MASKED=False: a full tile, unmasked loads and stores (vectorised where offs allow)."""
+    if MASKED:
+        x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + offs).to(tl.float32)
+        g = tl.load(g_ptr + offs).to(tl.float32)
+    dx, ds, dz = _lsq_math(x, g, s, inv, zp, ds_lo, ds_hi, qmin, qmax, grad_factor)
+    dx = _round_to(dx, dx_ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(dx_ptr + offs, dx, mask=valid)
+        acc_s += tl.where(valid, ds, 0.0)
+        acc_z += tl.where(valid, dz, 0.0)
+    else:
+        tl.store(dx_ptr + offs, dx)
+        acc_s += ds
+        acc_z += dz
     return acc_s, acc_z
 
 
 @triton.jit
-def fq_lsq_backward_kernel(g_ptr, x_ptr, dx_ptr, scale_ptr, zp_ptr, part_ptr, M, CH_STRIDE,
-                           NUM_CH, qmin, qmax, grad_factor, PER_CHANNEL: tl.constexpr,
-                           BLOCK: tl.constexpr):
-    """LSQ backward (torch's learnable fake-quant kernels). Grid (channels, P): program (c, p)
-    strides over channel c's M elements; dscale/dzero_point partial sums go to
-    part_ptr[p, c] and part_ptr[P, C] + [p, c]. zp_ptr holds the zero point already rounded and
-    clamped the way torch's backward does (float)."""
-    c = tl.program_id(0)
+def _plane_split(P_I):
+    """(p, P, P_O, p_o, p_i) of a per-channel plane program: its index along grid axis 1, the
+    P = P_O * P_I programs of its channel, and its row (p_o) / column-block (p_i) share."""
     p = tl.program_id(1)
     P = tl.num_programs(1)
+    return p, P, P // P_I, p // P_I, p % P_I
+
+
+@triton.jit
+def _plane_rows(o0, OUTER, c, INNER, NUM_CH, PER_CHANNEL: tl.constexpr, BLOCK_O: tl.constexpr):
+    """([BLOCK_O, 1] offsets of rows o0.. of channel c in the [OUTER, NUM_CH, INNER] view, the
+    rows' validity). Masked rows get row 0's offset: no offset past N. PER_CHANNEL=False
+    (one [1, numel] plane): offsets 0, so full tiles vectorise whatever numel is."""
+    o = o0 + tl.arange(0, BLOCK_O)
+    ov = o < OUTER
+    if PER_CHANNEL:
+        row = tl.where(ov, o, 0)[:, None] * (NUM_CH * INNER) + c * INNER
+    else:
+        row = tl.zeros([BLOCK_O, 1], dtype=tl.int32)
+    return row, ov
+
+
+@triton.jit
+def fq_lsq_backward_kernel(g_ptr, x_ptr, dx_ptr, scale_ptr, zp_ptr, part_ptr, OUTER, INNER,
+                           NUM_CH, P_I, qmin, qmax, grad_factor, PER_CHANNEL: tl.constexpr,
+                           BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, VEC: tl.constexpr):
+    """LSQ backward over x seen as [OUTER, NUM_CH, INNER] (per tensor: [1, 1, numel]). Grid
+    (NUM_CH, P), P = P_O * P_I: program (c, p) walks channel c's [OUTER, INNER] plane in
+    [BLOCK_O, BLOCK_I] tiles, rows p // P_I + k P_O and column blocks p % P_I + k P_I, so
+    no element needs an integer divide to find its channel; full tiles are unmasked. dscale /
+    dzero_point partial sums go to part_ptr[p, c] and part_ptr[P, C] + [p, c]. zp_ptr holds the
+    zero point already rounded and clamped the way torch's backward does (float).
+    PER_CHANNEL=False: per tensor (see _plane_rows). INNER comes in units of VEC (see
+    triton_launch._vec_units)."""
+    INNER = INNER * VEC
+    c = tl.program_id(0)
+    p, P, P_O, p_o, p_i = _plane_split(P_I)
     s = tl.load(scale_ptr + c)
     zp = tl.load(zp_ptr + c)
     inv = tl.math.div_rn(1.0, s)
     ds_lo = qmin - zp
     ds_hi = qmax - zp
-    acc_s = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_z = tl.zeros([BLOCK], dtype=tl.float32)
-    # full blocks unmasked (vectorised), then the tail block (if any) masked, by one program
-    m_full = M // BLOCK * BLOCK
-    for start in tl.range(p * BLOCK, m_full, P * BLOCK):
-        m = start + tl.arange(0, BLOCK)
-        acc_s, acc_z = _lsq_block(g_ptr, x_ptr, dx_ptr, m, m < M, c, s, inv, zp, ds_lo, ds_hi,
-                                  qmin, qmax, grad_factor, acc_s, acc_z, CH_STRIDE, NUM_CH,
-                                  PER_CHANNEL, False)
-    if (m_full < M) & (p == (m_full // BLOCK) % P):
-        m = m_full + tl.arange(0, BLOCK)
-        acc_s, acc_z = _lsq_block(g_ptr, x_ptr, dx_ptr, m, m < M, c, s, inv, zp, ds_lo, ds_hi,
-                                  qmin, qmax, grad_factor, acc_s, acc_z, CH_STRIDE, NUM_CH,
-                                  PER_CHANNEL, True)
-    tl.store(part_ptr + p * NUM_CH + c, tl.sum(acc_s, axis=0))
-    tl.store(part_ptr + (P + p) * NUM_CH + c, tl.sum(acc_z, axis=0))
+    acc_s = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
+    acc_z = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
+    for o0 in tl.range(p_o * BLOCK_O, OUTER, P_O * BLOCK_O):
+        row, ov = _plane_rows(o0, OUTER, c, INNER, NUM_CH, PER_CHANNEL, BLOCK_O)
+        for i0 in tl.range(p_i * BLOCK_I, INNER, P_I * BLOCK_I):
+            i = i0 + tl.arange(0, BLOCK_I)
+            offs = row + i[None, :]
+            valid = ov[:, None] & (i < INNER)[None, :]
+            if (o0 + BLOCK_O <= OUTER) & (i0 + BLOCK_I <= INNER):
+                acc_s, acc_z = _lsq_tile(g_ptr, x_ptr, dx_ptr, offs, valid, s, inv, zp, ds_lo,
+                                         ds_hi, qmin, qmax, grad_factor, acc_s, acc_z, False)
+            else:
+                acc_s, acc_z = _lsq_tile(g_ptr, x_ptr, dx_ptr, offs, valid, s, inv, zp, ds_lo,
+                                         ds_hi, qmin, qmax, grad_factor, acc_s, acc_z, True)
+    tl.store(part_ptr + p * NUM_CH + c, tl.sum(tl.sum(acc_s, axis=1), axis=0))
+    tl.store(part_ptr + (P + p) * NUM_CH + c, tl.sum(tl.sum(acc_z, axis=1), axis=0))
+
+
+@triton.jit
+def _group_columns(OUTER, INNER, GI, BLOCK_I: tl.constexpr):
+    """Columns of a channel-group plane row (G channels' runs of INNER, GI = G*INNER
+    elements): (j, validity, channel within the group -- one integer divide per column,
+    once per program)."""
+    j = tl.arange(0, BLOCK_I)
+    jv = j < GI
+    return j, jv, tl.where(jv, j, 0) // INNER
+
+
+@triton.jit
+def fq_lsq_backward_grouped_kernel(g_ptr, x_ptr, dx_ptr, scale_ptr, zp_ptr, part_ptr, OUTER,
+                                   INNER, GI, NUM_G, qmin, qmax, grad_factor, G: tl.constexpr,
+                                   BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+                                   VEC: tl.constexpr):
+    """fq_lsq_backward_kernel for runs that are not a whole number of vectors (NCHW 7x7 =
+    49): x seen as [OUTER, NUM_G, GI] rows of G consecutive channels (GI = G*INNER a whole
+    number of vectors, in units of VEC), so rows start aligned and accesses are 128-bit.
+    Program (cg, p) owns group cg, rows p, p + P, ...: the channel, scale and 1/scale of each
+    column once per program; per-channel partial sums folded from the column sums at the end.
+    Same part layout as fq_lsq_backward_kernel; grid (NUM_G, P)."""
+    GI = GI * VEC
+    cg = tl.program_id(0)
+    p = tl.program_id(1)
+    P = tl.num_programs(1)
+    j, jv, k = _group_columns(OUTER, INNER, GI, BLOCK_I)
+    ch = cg * G + k
+    s = tl.load(scale_ptr + ch)[None, :]
+    zp = tl.load(zp_ptr + ch)[None, :]
+    inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    ds_lo = qmin - zp
+    ds_hi = qmax - zp
+    acc_s = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
+    acc_z = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
+    for o0 in tl.range(p * BLOCK_O, OUTER, P * BLOCK_O):
+        o = o0 + tl.arange(0, BLOCK_O)
+        ov = o < OUTER
+        offs = tl.where(ov, o, 0)[:, None] * (NUM_G * GI) + cg * GI + j[None, :]
+        # the mask is constant over VEC columns (GI is a multiple of VEC): still 128-bit
+        acc_s, acc_z = _lsq_tile(g_ptr, x_ptr, dx_ptr, offs, ov[:, None] & jv[None, :], s, inv,
+                                 zp, ds_lo, ds_hi, qmin, qmax, grad_factor, acc_s, acc_z, True)
+    col_s = tl.sum(acc_s, axis=0)
+    col_z = tl.sum(acc_z, axis=0)
+    C = NUM_G * G
+    for kk in tl.static_range(G):
+        sel = jv & (k == kk)
+        tl.store(part_ptr + p * C + cg * G + kk, tl.sum(tl.where(sel, col_s, 0.0), axis=0))
+        tl.store(part_ptr + (P + p) * C + cg * G + kk,
+                 tl.sum(tl.where(sel, col_z, 0.0), axis=0))
+
+
+@triton.jit
+def minmax_grouped_partials_kernel(x_ptr, part_ptr, OUTER, INNER, GI, NUM_G, G: tl.constexpr,
+                                   BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+                                   VEC: tl.constexpr):
+    """minmax_channel_partials_kernel on the channel-group rows of
+    fq_lsq_backward_grouped_kernel (runs that are not a whole number of vectors); grid
+    (NUM_G, P), part[p, c] (min) and part[P + p, c] (max)."""
+    GI = GI * VEC
+    cg = tl.program_id(0)
+    p = tl.program_id(1)
+    P = tl.num_programs(1)
+    j, jv, k = _group_columns(OUTER, INNER, GI, BLOCK_I)
+    vmin = tl.full([BLOCK_O, BLOCK_I], float("inf"), tl.float32)
+    vmax = tl.full([BLOCK_O, BLOCK_I], float("-inf"), tl.float32)
+    for o0 in tl.range(p * BLOCK_O, OUTER, P * BLOCK_O):
+        o = o0 + tl.arange(0, BLOCK_O)
+        ov = o < OUTER
+        offs = tl.where(ov, o, 0)[:, None] * (NUM_G * GI) + cg * GI + j[None, :]
+        valid = ov[:, None] & jv[None, :]
+        x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        vmin = tl.minimum(vmin, tl.where(valid, x, float("inf")))
+        vmax = tl.maximum(vmax, tl.where(valid, x, float("-inf")))
+    col_min = tl.min(vmin, axis=0)
+    col_max = tl.max(vmax, axis=0)
+    C = NUM_G * G
+    for kk in tl.static_range(G):
+        sel = jv & (k == kk)
+        tl.store(part_ptr + p * C + cg * G + kk,
+                 tl.min(tl.where(sel, col_min, float("inf")), axis=0))
+        tl.store(part_ptr + (P + p) * C + cg * G + kk,
+                 tl.max(tl.where(sel, col_max, float("-inf")), axis=0))
 
 
 @triton.jit
@@ -317,23 +434,19 @@ def _qparams(mn, mx, qmin, qmax, eps, zp_sym, SYMMETRIC: tl.constexpr,
 
 
 @triton.jit
-def fq_minmax_channel_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, zp_ptr, M, CH_STRIDE, NUM_CH,
-                             qmin, qmax, eps, zp_sym, SYMMETRIC: tl.constexpr,
-                             FUSED: tl.constexpr, SAVE_MASK: tl.constexpr,
-                             SINGLE: tl.constexpr, BLOCK: tl.constexpr,
-                             RECIP: tl.constexpr):
-    """One program per channel: min/max over the channel's M elements, qparams, and (FUSED:
-    the channel is one contiguous memory range, e.g. axis 0 of a weight) the fake quant of
-    the channel. SINGLE: the channel fits one block, so x is read exactly once."""
+def fq_minmax_channel_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, zp_ptr, M, qmin, qmax, eps,
+                             zp_sym, SYMMETRIC: tl.constexpr, SAVE_MASK: tl.constexpr,
+                             SINGLE: tl.constexpr, BLOCK: tl.constexpr, RECIP: tl.constexpr):
+    """One program per channel of an x whose channels are contiguous memory ranges of M
+    elements (axis 0 of a weight): min/max over the channel, qparams, and the fake quant of
+    the channel, in one launch. SINGLE: the channel fits one block, so x is read exactly
+    once. With SAVE_MASK the launcher ensures M % 8 == 0 (each channel owns whole bytes)."""
     c = tl.program_id(0)
+    base = c * M
     if SINGLE:
         m = tl.arange(0, BLOCK)
         valid = m < M
-        if FUSED:
-            o = c * M + m  # the channel is one contiguous range: no per-element divide
-        else:
-            o = _channel_offsets(m, c, CH_STRIDE, NUM_CH, True)
-        x = tl.load(x_ptr + o, mask=valid, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + base + m, mask=valid, other=0.0).to(tl.float32)
         mn = tl.min(tl.where(valid, x, float("inf")), axis=0)
         mx = tl.max(tl.where(valid, x, float("-inf")), axis=0)
     else:
@@ -342,11 +455,7 @@ def fq_minmax_channel_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, zp_ptr, M, CH_
         for start in tl.range(0, M, BLOCK):
             m = start + tl.arange(0, BLOCK)
             valid = m < M
-            if FUSED:
-                o = c * M + m
-            else:
-                o = _channel_offsets(m, c, CH_STRIDE, NUM_CH, True)
-            x = tl.load(x_ptr + o, mask=valid, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + base + m, mask=valid, other=0.0).to(tl.float32)
             vmin = tl.minimum(vmin, tl.where(valid, x, float("inf")))
             vmax = tl.maximum(vmax, tl.where(valid, x, float("-inf")))
         mn = tl.min(vmin, axis=0)
@@ -354,26 +463,55 @@ def fq_minmax_channel_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, zp_ptr, M, CH_
     scale, zp = _qparams(mn, mx, qmin, qmax, eps, zp_sym, SYMMETRIC, RECIP)
     tl.store(scale_ptr + c, scale)
     tl.store(zp_ptr + c, zp.to(tl.int32))
-    if FUSED:
-        inv = tl.math.div_rn(1.0, scale)
-        byte_end = ((c + 1) * M) // 8  # M % 8 == 0 with a mask: the channel owns whole bytes
-        if SINGLE:
+    inv = tl.math.div_rn(1.0, scale)
+    byte_end = (base + M) // 8
+    if SINGLE:
+        out, in_range = _fq_math(x, scale, inv, zp, qmin, qmax)
+        tl.store(out_ptr + base + m, _round_to(out, out_ptr.dtype.element_ty), mask=valid)
+        if SAVE_MASK:
+            _store_mask_bytes(mask_ptr, base // 8, (in_range & valid).to(tl.int32), byte_end,
+                              BLOCK)
+    else:
+        for start in tl.range(0, M, BLOCK):
+            m = start + tl.arange(0, BLOCK)
+            valid = m < M
+            x = tl.load(x_ptr + base + m, mask=valid, other=0.0).to(tl.float32)
             out, in_range = _fq_math(x, scale, inv, zp, qmin, qmax)
-            tl.store(out_ptr + c * M + m, _round_to(out, out_ptr.dtype.element_ty), mask=valid)
+            tl.store(out_ptr + base + m, _round_to(out, out_ptr.dtype.element_ty), mask=valid)
             if SAVE_MASK:
-                _store_mask_bytes(mask_ptr, (c * M) // 8,
+                _store_mask_bytes(mask_ptr, (base + start) // 8,
                                   (in_range & valid).to(tl.int32), byte_end, BLOCK)
-        else:
-            for start in tl.range(0, M, BLOCK):
-                m = start + tl.arange(0, BLOCK)
-                valid = m < M
-                x = tl.load(x_ptr + c * M + m, mask=valid, other=0.0).to(tl.float32)
-                out, in_range = _fq_math(x, scale, inv, zp, qmin, qmax)
-                tl.store(out_ptr + c * M + m, _round_to(out, out_ptr.dtype.element_ty),
-                         mask=valid)
-                if SAVE_MASK:
-                    _store_mask_bytes(mask_ptr, (c * M + start) // 8,
-                                      (in_range & valid).to(tl.int32), byte_end, BLOCK)
+
+
+@triton.jit
+def minmax_channel_partials_kernel(x_ptr, part_ptr, OUTER, INNER, NUM_CH, P_I,
+                                   BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+                                   VEC: tl.constexpr):
+    """Per-channel min/max partials of x seen as [OUTER, NUM_CH, INNER] (NCHW axis 1 and any
+    channel that is not one contiguous range), tiled as fq_lsq_backward_kernel: program (c, p)
+    writes part[p, c] (min) and part[P + p, c] (max); no per-element integer divide; full
+    tiles unmasked. minmax_part_qparams_kernel reduces the partials. INNER comes in units of
+    VEC."""
+    INNER = INNER * VEC
+    c = tl.program_id(0)
+    p, P, P_O, p_o, p_i = _plane_split(P_I)
+    vmin = tl.full([BLOCK_O, BLOCK_I], float("inf"), tl.float32)
+    vmax = tl.full([BLOCK_O, BLOCK_I], float("-inf"), tl.float32)
+    for o0 in tl.range(p_o * BLOCK_O, OUTER, P_O * BLOCK_O):
+        row, ov = _plane_rows(o0, OUTER, c, INNER, NUM_CH, True, BLOCK_O)
+        for i0 in tl.range(p_i * BLOCK_I, INNER, P_I * BLOCK_I):
+            i = i0 + tl.arange(0, BLOCK_I)
+            if (o0 + BLOCK_O <= OUTER) & (i0 + BLOCK_I <= INNER):
+                x = tl.load(x_ptr + row + i[None, :]).to(tl.float32)
+                vmin = tl.minimum(vmin, x)
+                vmax = tl.maximum(vmax, x)
+            else:
+                valid = ov[:, None] & (i < INNER)[None, :]
+                x = tl.load(x_ptr + row + i[None, :], mask=valid, other=0.0).to(tl.float32)
+                vmin = tl.minimum(vmin, tl.where(valid, x, float("inf")))
+                vmax = tl.maximum(vmax, tl.where(valid, x, float("-inf")))
+    tl.store(part_ptr + p * NUM_CH + c, tl.min(tl.min(vmin, axis=1), axis=0))
+    tl.store(part_ptr + (P + p) * NUM_CH + c, tl.max(tl.max(vmax, axis=1), axis=0))
 
 
 @triton.jit
@@ -446,9 +584,11 @@ def minmax_qparams_kernel(part_ptr, P, minv_ptr, maxv_ptr, scale_ptr, zp_ptr,
 @triton.jit
 def fq_lsq_backward_cinner_kernel(g_ptr, x_ptr, dx_ptr, scale_ptr, zp_ptr, part_ptr, R, C,
                                   qmin, qmax, grad_factor, BLOCK_R: tl.constexpr,
-                                  BLOCK_C: tl.constexpr):
+                                  BLOCK_C: tl.constexpr, VEC: tl.constexpr):
     """fq_lsq_backward_kernel for a channel-innermost x: same math, same part layout
-    ([P, C] dscale partials, then [P, C] dzero_point partials); grid (cdiv(C, BLOCK_C), P)."""
+    ([P, C] dscale partials, then [P, C] dzero_point partials); grid (cdiv(C, BLOCK_C), P).
+    C comes in units of VEC (rows provably vector-aligned whatever C's power-of-2 factor)."""
+    C = C * VEC
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     p = tl.program_id(1)
     P = tl.num_programs(1)
@@ -465,31 +605,18 @@ def fq_lsq_backward_cinner_kernel(g_ptr, x_ptr, dx_ptr, scale_ptr, zp_ptr, part_
         r = r0 + tl.arange(0, BLOCK_R)
         valid = (r < R)[:, None] & cv[None, :]
         o = tl.where(r < R, r, 0)[:, None] * C + c[None, :]
-        x = tl.load(x_ptr + o, mask=valid, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + o, mask=valid, other=0.0).to(tl.float32)
-        q = _rne(zp + x * inv)  # torch's backward adds the zero point before rounding
-        lo = q < qmin
-        hi = q > qmax
-        in_range = (q >= qmin) & (q <= qmax)
-        tl.store(dx_ptr + o, _round_to(g * in_range.to(tl.float32), dx_ptr.dtype.element_ty),
-                 mask=valid)
-        qc = tl.where(lo, qmin, tl.where(hi, qmax, q))
-        xfq = (qc - zp) * s
-        ds_in = g * (xfq - x) * inv * grad_factor
-        ds_out = tl.where(lo, g * ds_lo, g * ds_hi) * grad_factor
-        dz_out = g * -1.0 * s * grad_factor
-        clipped = lo | hi
-        acc_s += tl.where(valid, tl.where(clipped, ds_out, ds_in), 0.0)
-        acc_z += tl.where(valid & clipped, dz_out, 0.0)
+        acc_s, acc_z = _lsq_tile(g_ptr, x_ptr, dx_ptr, o, valid, s, inv, zp, ds_lo, ds_hi, qmin,
+                                 qmax, grad_factor, acc_s, acc_z, True)
     tl.store(part_ptr + p * C + c, tl.sum(acc_s, axis=0), mask=cv)
     tl.store(part_ptr + (P + p) * C + c, tl.sum(acc_z, axis=0), mask=cv)
 
 
 @triton.jit
 def minmax_cinner_partials_kernel(x_ptr, part_ptr, R, C, BLOCK_R: tl.constexpr,
-                                  BLOCK_C: tl.constexpr):
+                                  BLOCK_C: tl.constexpr, VEC: tl.constexpr):
     """Per-channel min/max partials of a channel-innermost x: part[p, c] (min) and
-    part[P + p, c] (max); grid (cdiv(C, BLOCK_C), P)."""
+    part[P + p, c] (max); grid (cdiv(C, BLOCK_C), P). C comes in units of VEC."""
+    C = C * VEC
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     p = tl.program_id(1)
     P = tl.num_programs(1)
@@ -508,11 +635,11 @@ def minmax_cinner_partials_kernel(x_ptr, part_ptr, R, C, BLOCK_R: tl.constexpr,
 
 
 @triton.jit
-def minmax_cinner_qparams_kernel(part_ptr, P, C, scale_ptr, zp_ptr, qmin, qmax, eps, zp_sym,
+def minmax_part_qparams_kernel(part_ptr, P, C, scale_ptr, zp_ptr, qmin, qmax, eps, zp_sym,
                                  SYMMETRIC: tl.constexpr, RECIP: tl.constexpr,
                                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Reduces the [P, C] partials of minmax_cinner_partials_kernel to per-channel qparams;
-    grid (cdiv(C, BLOCK_C),)."""
+    """Reduces the [P, C] partials of minmax_cinner_partials_kernel or
+    minmax_channel_partials_kernel to per-channel qparams; grid (cdiv(C, BLOCK_C),)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cv = c < C
     vmin = tl.full([BLOCK_P, BLOCK_C], float("inf"), tl.float32)
@@ -541,6 +668,7 @@ def _aot_specs() -> list:
     specs = []
     spec = functools.partial(AotSpec, options={"enable_fp_fusion": False})  # as launched
     for tn, tp in _T.items():
+        vec = 16 // (4 if tn == "fp32" else 2)  # elements per 16-byte vector
         for mode in ("per_tensor", "per_channel_span2", "per_channel_gather"):
             specs.append(spec(
                 name=f"fq_forward[{tn},{mode}]", kernel=fq_forward_kernel,
@@ -554,17 +682,18 @@ def _aot_specs() -> list:
                 # per-tensor / two-channel blocks: 1/scale and the channel once per program
                 per_element_div=mode == "per_channel_gather", num_warps=NUM_WARPS))
         specs.append(spec(
-            # channels_last per channel (W = C = 64 columns; rows R odd)
+            # channels_last per channel (W = C columns, R odd rows); W is not declared
+            # 16-divisible (72 channels are not): the units of VEC prove rows aligned
             name=f"fq_forward_period[{tn}]", kernel=fq_forward_period_kernel,
             signature={"x_ptr": tp, "out_ptr": tp, "mask_ptr": "*u8", "scale_ptr": "*fp32",
                        "zp_ptr": "*i32", "R": "i32", "W": "i32", "CH_STRIDE": "constexpr",
                        "n_wb": "i32", "qmin": "fp32", "qmax": "fp32", "SAVE_MASK": "constexpr",
-                       "BLOCK_R": "constexpr", "BLOCK_W": "constexpr"},
+                       "BLOCK_R": "constexpr", "BLOCK_W": "constexpr", "VEC": "constexpr"},
             constexprs={"SAVE_MASK": True, "CH_STRIDE": 1, "BLOCK_R": BLOCK // 64,
-                        "BLOCK_W": 64},
+                        "BLOCK_W": 64, "VEC": vec},
             # 1/scale once per column a thread holds (1/4 .. 1/2 per element), no integer
             # divide per element: not held to the per-program bound
-            aligned=("x_ptr", "out_ptr", "mask_ptr", "W"), streaming=True,
+            aligned=("x_ptr", "out_ptr", "mask_ptr"), streaming=True,
             num_warps=NUM_WARPS))
         specs.append(spec(
             name=f"fq_mask_backward[{tn}]", kernel=fq_mask_backward_kernel,
@@ -572,20 +701,59 @@ def _aot_specs() -> list:
                        "BLOCK": "constexpr"},
             constexprs={"BLOCK": BLOCK}, aligned=("g_ptr", "mask_ptr", "out_ptr"),
             streaming=True, num_warps=NUM_WARPS))
-        for per_channel in (False, True):
-            # per-channel walks a channel's (possibly strided) elements: not provably
-            # vectorisable, so only the per-tensor variant carries the streaming check
+        # LSQ backward / min-max partials over [OUTER, NUM_CH, INNER] planes: per tensor (one
+        # [1, numel] plane, odd numel), per channel with a run that is a whole number of
+        # vectors but not 16-divisible (NCHW 14x14 fp32, 28x28 bf16: INNER in units of VEC),
+        # and per channel with an odd run (NCHW 7x7 = 49: scalar loads, but no divide per
+        # element either way)
+        run_block = triton.next_power_of_2(196 if tn == "fp32" else 784)
+        for mode, (bo, bi, v) in (("per_tensor", (1, RED_BLOCK, 1)),
+                                  ("per_channel_vec", (RED_BLOCK // run_block, run_block, vec)),
+                                  ("per_channel_odd_run", (32, 64, 1))):
             specs.append(spec(
-                name=f"fq_lsq_backward[{tn},{'per_channel' if per_channel else 'per_tensor'}]",
-                kernel=fq_lsq_backward_kernel,
+                name=f"fq_lsq_backward[{tn},{mode}]", kernel=fq_lsq_backward_kernel,
                 signature={"g_ptr": tp, "x_ptr": tp, "dx_ptr": tp, "scale_ptr": "*fp32",
-                           "zp_ptr": "*fp32", "part_ptr": "*fp32", "M": "i32",
-                           "CH_STRIDE": "i32", "NUM_CH": "i32", "qmin": "fp32", "qmax": "fp32",
-                           "grad_factor": "fp32", "PER_CHANNEL": "constexpr",
-                           "BLOCK": "constexpr"},
-                constexprs={"PER_CHANNEL": per_channel, "BLOCK": RED_BLOCK},
-                aligned=("g_ptr", "x_ptr", "dx_ptr") + (("M",) if per_channel else ()),
-                streaming=not per_channel, num_warps=NUM_WARPS))
+                           "zp_ptr": "*fp32", "part_ptr": "*fp32", "OUTER": "i32",
+                           "INNER": "i32", "NUM_CH": "i32", "P_I": "i32", "qmin": "fp32",
+                           "qmax": "fp32", "grad_factor": "fp32", "PER_CHANNEL": "constexpr",
+                           "BLOCK_O": "constexpr", "BLOCK_I": "constexpr", "VEC": "constexpr"},
+                constexprs={"PER_CHANNEL": mode != "per_tensor", "BLOCK_O": bo, "BLOCK_I": bi,
+                            "VEC": v},
+                aligned=("g_ptr", "x_ptr", "dx_ptr"),
+                streaming=mode != "per_channel_odd_run", per_element_div=False,
+                num_warps=NUM_WARPS))
+            if mode == "per_tensor":  # per-tensor min/max: minmax_partials_kernel
+                continue
+            specs.append(spec(
+                name=f"minmax_channel_partials[{tn},{mode}]",
+                kernel=minmax_channel_partials_kernel,
+                signature={"x_ptr": tp, "part_ptr": "*fp32", "OUTER": "i32", "INNER": "i32",
+                           "NUM_CH": "i32", "P_I": "i32", "BLOCK_O": "constexpr",
+                           "BLOCK_I": "constexpr", "VEC": "constexpr"},
+                constexprs={"BLOCK_O": bo, "BLOCK_I": bi, "VEC": v},
+                aligned=("x_ptr",),
+                streaming=mode != "per_channel_odd_run", per_element_div=False,
+                num_warps=NUM_WARPS))
+        # per-channel runs that are not a whole number of vectors (NCHW 512 x 7x7): rows of
+        # G channels; 1/scale once per column, no divide in the loop, 128-bit loads
+        g = vec // math.gcd(49, vec)
+        bi = triton.next_power_of_2(g * 49)
+        gcx = {"G": g, "BLOCK_O": RED_BLOCK // bi, "BLOCK_I": bi, "VEC": vec}
+        specs.append(spec(
+            name=f"fq_lsq_backward_grouped[{tn},7x7]", kernel=fq_lsq_backward_grouped_kernel,
+            signature={"g_ptr": tp, "x_ptr": tp, "dx_ptr": tp, "scale_ptr": "*fp32",
+                       "zp_ptr": "*fp32", "part_ptr": "*fp32", "OUTER": "i32", "INNER": "i32",
+                       "GI": "i32", "NUM_G": "i32", "qmin": "fp32", "qmax": "fp32",
+                       "grad_factor": "fp32", "G": "constexpr", "BLOCK_O": "constexpr",
+                       "BLOCK_I": "constexpr", "VEC": "constexpr"},
+            constexprs=gcx, aligned=("g_ptr", "x_ptr", "dx_ptr"), streaming=True,
+            num_warps=NUM_WARPS))
+        specs.append(spec(
+            name=f"minmax_grouped_partials[{tn},7x7]", kernel=minmax_grouped_partials_kernel,
+            signature={"x_ptr": tp, "part_ptr": "*fp32", "OUTER": "i32", "INNER": "i32",
+                       "GI": "i32", "NUM_G": "i32", "G": "constexpr", "BLOCK_O": "constexpr",
+                       "BLOCK_I": "constexpr", "VEC": "constexpr"},
+            constexprs=gcx, aligned=("x_ptr",), streaming=True, num_warps=NUM_WARPS))
         specs.append(spec(
             name=f"minmax_partials[{tn}]", kernel=minmax_partials_kernel,
             signature={"x_ptr": tp, "part_ptr": "*fp32", "minv_ptr": "*fp32",
@@ -598,34 +766,33 @@ def _aot_specs() -> list:
                 name=f"fq_minmax_channel[{tn},{'one_block' if single else 'looped'}]",
                 kernel=fq_minmax_channel_kernel,
                 signature={"x_ptr": tp, "out_ptr": tp, "mask_ptr": "*u8", "scale_ptr": "*fp32",
-                           "zp_ptr": "*i32", "M": "i32", "CH_STRIDE": "i32", "NUM_CH": "i32",
-                           "qmin": "fp32", "qmax": "fp32", "eps": "fp32", "zp_sym": "fp32",
-                           "SYMMETRIC": "constexpr", "FUSED": "constexpr",
+                           "zp_ptr": "*i32", "M": "i32", "qmin": "fp32", "qmax": "fp32",
+                           "eps": "fp32", "zp_sym": "fp32", "SYMMETRIC": "constexpr",
                            "SAVE_MASK": "constexpr", "SINGLE": "constexpr", "BLOCK": "constexpr",
                            "RECIP": "constexpr"},
-                constexprs={"SYMMETRIC": False, "FUSED": True, "SAVE_MASK": True,
-                            "SINGLE": single, "BLOCK": 1024 if single else BLOCK,
-                            "RECIP": True},
-                aligned=("x_ptr", "out_ptr", "mask_ptr", "M", "CH_STRIDE"), streaming=False,
+                constexprs={"SYMMETRIC": False, "SAVE_MASK": True, "SINGLE": single,
+                            "BLOCK": 1024 if single else BLOCK, "RECIP": True},
+                aligned=("x_ptr", "out_ptr", "mask_ptr", "M"), streaming=False,
                 num_warps=NUM_WARPS))
-        # channel-innermost reductions over [R, C] rows (C = 64 channels, R odd)
+        # channel-innermost reductions over [R, C] rows (R odd; C not declared 16-divisible,
+        # in units of VEC as launched)
         specs.append(spec(
             name=f"fq_lsq_backward_cinner[{tn}]", kernel=fq_lsq_backward_cinner_kernel,
             signature={"g_ptr": tp, "x_ptr": tp, "dx_ptr": tp, "scale_ptr": "*fp32",
                        "zp_ptr": "*fp32", "part_ptr": "*fp32", "R": "i32", "C": "i32",
                        "qmin": "fp32", "qmax": "fp32", "grad_factor": "fp32",
-                       "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
-            constexprs={"BLOCK_R": CI_BLOCK_R, "BLOCK_C": CI_BLOCK_C},
-            aligned=("g_ptr", "x_ptr", "dx_ptr", "part_ptr", "C"), streaming=True,
+                       "BLOCK_R": "constexpr", "BLOCK_C": "constexpr", "VEC": "constexpr"},
+            constexprs={"BLOCK_R": CI_BLOCK_R, "BLOCK_C": CI_BLOCK_C, "VEC": vec},
+            aligned=("g_ptr", "x_ptr", "dx_ptr", "part_ptr"), streaming=True,
             num_warps=NUM_WARPS))
         specs.append(spec(
             name=f"minmax_cinner_partials[{tn}]", kernel=minmax_cinner_partials_kernel,
             signature={"x_ptr": tp, "part_ptr": "*fp32", "R": "i32", "C": "i32",
-                       "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
-            constexprs={"BLOCK_R": CI_BLOCK_R, "BLOCK_C": CI_BLOCK_C},
-            aligned=("x_ptr", "part_ptr", "C"), streaming=True, num_warps=NUM_WARPS))
+                       "BLOCK_R": "constexpr", "BLOCK_C": "constexpr", "VEC": "constexpr"},
+            constexprs={"BLOCK_R": CI_BLOCK_R, "BLOCK_C": CI_BLOCK_C, "VEC": vec},
+            aligned=("x_ptr", "part_ptr"), streaming=True, num_warps=NUM_WARPS))
     specs.append(spec(
-        name="minmax_cinner_qparams", kernel=minmax_cinner_qparams_kernel,
+        name="minmax_part_qparams", kernel=minmax_part_qparams_kernel,
         signature={"part_ptr": "*fp32", "P": "i32", "C": "i32", "scale_ptr": "*fp32",
                    "zp_ptr": "*i32", "qmin": "fp32", "qmax": "fp32", "eps": "fp32",
                    "zp_sym": "fp32", "SYMMETRIC": "constexpr", "RECIP": "constexpr",

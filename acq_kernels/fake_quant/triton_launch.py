@@ -9,6 +9,8 @@ Each launcher runs under a device guard: Triton launches on the current CUDA dev
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 
@@ -60,10 +62,11 @@ def fq_forward(x, scale, zero_point, quant_min, quant_max, axis, save_mask):
         bw = min(triton.next_power_of_2(w), K.PERIOD_BLOCK_W)
         br = max(1, min(K.BLOCK // bw, triton.next_power_of_2(n // w)))
         n_wb = triton.cdiv(w, bw)
+        vec = _vec_units(x, w)
         K.fq_forward_period_kernel[(triton.cdiv(n // w, br) * n_wb,)](
-            x, out, mask if save_mask else out, scale, zero_point, n // w, w, cs, n_wb,
+            x, out, mask if save_mask else out, scale, zero_point, n // w, w // vec, cs, n_wb,
             float(quant_min), float(quant_max), SAVE_MASK=save_mask, BLOCK_R=br, BLOCK_W=bw,
-            **_LAUNCH)
+            VEC=vec, **_LAUNCH)
         return out, mask
     K.fq_forward_kernel[(triton.cdiv(n, K.BLOCK),)](
         x, out, mask if save_mask else out, scale, zero_point, n, cs, nc, float(quant_min),
@@ -103,6 +106,50 @@ def _partial_programs(m: int, channels: int) -> int:
     return max(1, min(triton.cdiv(m, K.RED_BLOCK), max(1, K.MAX_PARTIALS // channels)))
 
 
+def _vec_units(x: torch.Tensor, size: int) -> int:
+    """VEC of the kernels that take a row length in units of it (the plane kernels' channel
+    run, the channel-innermost kernels' C, the period kernel's W): the widest
+    16-byte-or-less element group dividing it, so that Triton can prove each row starts
+    vector-aligned (a run of 196 fp32 or 72 channels -> 4: 128-bit loads). Triton by itself
+    only specialises sizes divisible by 16."""
+    vec = max(1, 16 // x.element_size())
+    while vec > 1 and size % vec:
+        vec //= 2
+    return vec
+
+
+def _channel_groups(x: torch.Tensor, cs: int, nc: int):
+    """(VEC, G, BLOCK_O, BLOCK_I, P) of the channel-group kernels, or None: for per-channel
+    runs that are not a whole number of 16-byte vectors (NCHW 7x7 = 49) G consecutive
+    channels make rows of G*cs elements that are (G = VEC / gcd(cs, VEC)), when G divides the
+    channel count and such a row fits one tile."""
+    vec = max(1, 16 // x.element_size())
+    if cs % vec == 0:
+        return None
+    g = vec // math.gcd(cs, vec)
+    if nc % g or g * cs > K.RED_BLOCK:
+        return None
+    outer = x.numel() // (cs * nc)
+    bi = triton.next_power_of_2(g * cs)
+    bo = max(1, min(K.RED_BLOCK // bi, triton.next_power_of_2(outer)))
+    p = max(1, min(triton.cdiv(outer, bo), K.MAX_PARTIALS // (nc // g)))
+    return vec, g, bo, bi, p
+
+
+def _plane_tiling(n: int, cs: int, nc: int):
+    """Tiling of the [OUTER, NUM_CH, INNER] view (INNER = CH_STRIDE) for the per-channel
+    plane kernels: (OUTER, BLOCK_O, BLOCK_I, P_I, P). A tile is [BLOCK_O rows, BLOCK_I
+    contiguous elements] of one channel, ~RED_BLOCK elements; P = P_O * P_I programs per
+    channel split the rows (P_O) and the column blocks (P_I)."""
+    outer = n // (cs * nc)
+    bi = min(triton.next_power_of_2(cs), K.RED_BLOCK)
+    bo = max(1, min(K.RED_BLOCK // bi, triton.next_power_of_2(outer)))
+    p = _partial_programs(n // nc, nc)
+    p_i = min(p, triton.cdiv(cs, bi))
+    p_o = max(1, min(p // p_i, triton.cdiv(outer, bo)))
+    return outer, bo, bi, p_i, p_i * p_o
+
+
 @triton_launcher
 def fq_learnable_backward(grad, x, scale, zero_point, quant_min, quant_max, axis, grad_factor):
     n = x.numel()
@@ -125,16 +172,27 @@ def fq_learnable_backward(grad, x, scale, zero_point, quant_min, quant_max, axis
     if _channel_innermost(cs, nc):
         p = _cinner_programs(m, channels)
         part = torch.empty((2 * p, channels), dtype=torch.float32, device=x.device)
+        vec = _vec_units(x, channels)
         K.fq_lsq_backward_cinner_kernel[(triton.cdiv(channels, K.CI_BLOCK_C), p)](
-            grad, x, dx, s, zp, part, m, channels, float(quant_min), float(quant_max),
-            float(grad_factor), BLOCK_R=K.CI_BLOCK_R, BLOCK_C=K.CI_BLOCK_C, **_LAUNCH)
+            grad, x, dx, s, zp, part, m, channels // vec, float(quant_min), float(quant_max),
+            float(grad_factor), BLOCK_R=K.CI_BLOCK_R, BLOCK_C=K.CI_BLOCK_C, VEC=vec, **_LAUNCH)
         return dx, part[:p].sum(0), part[p:].sum(0)
-    p = _partial_programs(m, channels)
+    grp = _channel_groups(x, cs, nc) if axis >= 0 else None
+    if grp is not None:  # runs that are not a whole number of vectors: channel-group rows
+        vec, g, bo, bi, p = grp
+        part = torch.empty((2 * p, channels), dtype=torch.float32, device=x.device)
+        K.fq_lsq_backward_grouped_kernel[(nc // g, p)](
+            grad, x, dx, s, zp, part, n // (cs * nc), cs, g * cs // vec, nc // g,
+            float(quant_min), float(quant_max), float(grad_factor), G=g, BLOCK_O=bo,
+            BLOCK_I=bi, VEC=vec, **_LAUNCH)
+        return dx, part[:p].sum(0), part[p:].sum(0)
+    outer, bo, bi, p_i, p = _plane_tiling(n, cs, nc)
     part = torch.empty((2 * p, channels), dtype=torch.float32, device=x.device)
-    K.fq_lsq_backward_kernel[(channels, p)](grad, x, dx, s, zp, part, m, cs, nc,
+    vec = _vec_units(x, cs) if axis >= 0 else 1  # per tensor: full tiles vectorise anyway
+    K.fq_lsq_backward_kernel[(channels, p)](grad, x, dx, s, zp, part, outer, cs // vec, nc, p_i,
                                             float(quant_min), float(quant_max),
                                             float(grad_factor), PER_CHANNEL=axis >= 0,
-                                            BLOCK=K.RED_BLOCK, **_LAUNCH)
+                                            BLOCK_O=bo, BLOCK_I=bi, VEC=vec, **_LAUNCH)
     return dx, part[:p].sum(0), part[p:].sum(0)
 
 
@@ -154,33 +212,47 @@ def fq_minmax_forward(x, axis, quant_min, quant_max, symmetric, eps, save_mask):
     if axis < 0:
         return _minmax_per_tensor(x, quant_min, quant_max, symmetric, eps, save_mask)
     m = n // channels
-    cs = max(x.stride(axis), 1)  # any stride works for a size-1 axis; avoid 0
+    cs, _ = _channel_geometry(x, axis)  # a size-1 axis: one contiguous channel
     scale = torch.empty(channels, dtype=torch.float32, device=x.device)
     zp = torch.empty(channels, dtype=torch.int32, device=x.device)
-    if _channel_innermost(cs, channels):  # coalesced partials, per-channel qparams, fake quant
+    fused = cs == m and (m % 8 == 0 or not save_mask)
+    if fused:  # each channel one contiguous range owning whole mask bytes: one launch
+        out = torch.empty_like(x)
+        mask = _mask_buffer(n, save_mask, x.device)
+        single = m <= K.ROW_BLOCK_MAX
+        block = max(8, triton.next_power_of_2(m)) if single else K.BLOCK
+        K.fq_minmax_channel_kernel[(channels,)](
+            x, out, mask if save_mask else out, scale, zp, m, float(quant_min),
+            float(quant_max), float(eps), _zp_sym(quant_min, quant_max), SYMMETRIC=symmetric,
+            SAVE_MASK=save_mask, SINGLE=single, BLOCK=block, RECIP=_recip(x.device), **_LAUNCH)
+        return out, mask, scale, zp
+    # [P, C] min/max partials (coalesced [rows, channels] tiles when the channel is innermost,
+    # [rows, run] tiles of each channel otherwise), per-channel qparams, then the fake quant
+    if _channel_innermost(cs, channels):
         p = _cinner_programs(m, channels)
         part = torch.empty((2 * p, channels), dtype=torch.float32, device=x.device)
+        vec = _vec_units(x, channels)
         K.minmax_cinner_partials_kernel[(triton.cdiv(channels, K.CI_BLOCK_C), p)](
-            x, part, m, channels, BLOCK_R=K.CI_BLOCK_R, BLOCK_C=K.CI_BLOCK_C, **_LAUNCH)
-        K.minmax_cinner_qparams_kernel[(triton.cdiv(channels, K.CI_BLOCK_C),)](
-            part, p, channels, scale, zp, float(quant_min), float(quant_max), float(eps),
-            _zp_sym(quant_min, quant_max), SYMMETRIC=symmetric, RECIP=_recip(x.device),
-            BLOCK_P=16, BLOCK_C=K.CI_BLOCK_C, **_LAUNCH)
-        out, mask = fq_forward(x, scale, zp, quant_min, quant_max, axis, save_mask)
-        return out, mask, scale, zp
-    out = torch.empty_like(x)
-    mask = _mask_buffer(n, save_mask, x.device)
-    # Fused (one launch): each channel is one contiguous memory range owning whole mask bytes.
-    fused = cs == m and (m % 8 == 0 or not save_mask)
-    single = m <= K.ROW_BLOCK_MAX
-    block = max(8, triton.next_power_of_2(m)) if single else K.BLOCK
-    K.fq_minmax_channel_kernel[(channels,)](
-        x, out, mask if save_mask else out, scale, zp, m, cs, channels, float(quant_min),
-        float(quant_max), float(eps), _zp_sym(quant_min, quant_max), SYMMETRIC=symmetric,
-        FUSED=fused, SAVE_MASK=save_mask, SINGLE=single, BLOCK=block, RECIP=_recip(x.device),
-        **_LAUNCH)
-    if not fused:  # second launch: the elementwise kernel with the fresh qparams
-        out, mask = fq_forward(x, scale, zp, quant_min, quant_max, axis, save_mask)
+            x, part, m, channels // vec, BLOCK_R=K.CI_BLOCK_R, BLOCK_C=K.CI_BLOCK_C, VEC=vec,
+            **_LAUNCH)
+    elif _channel_groups(x, cs, channels) is not None:
+        vec, g, bo, bi, p = _channel_groups(x, cs, channels)
+        part = torch.empty((2 * p, channels), dtype=torch.float32, device=x.device)
+        K.minmax_grouped_partials_kernel[(channels // g, p)](
+            x, part, n // (cs * channels), cs, g * cs // vec, channels // g, G=g, BLOCK_O=bo,
+            BLOCK_I=bi, VEC=vec, **_LAUNCH)
+    else:
+        outer, bo, bi, p_i, p = _plane_tiling(n, cs, channels)
+        part = torch.empty((2 * p, channels), dtype=torch.float32, device=x.device)
+        vec = _vec_units(x, cs)
+        K.minmax_channel_partials_kernel[(channels, p)](
+            x, part, outer, cs // vec, channels, p_i, BLOCK_O=bo, BLOCK_I=bi, VEC=vec,
+            **_LAUNCH)
+    K.minmax_part_qparams_kernel[(triton.cdiv(channels, K.CI_BLOCK_C),)](
+        part, p, channels, scale, zp, float(quant_min), float(quant_max), float(eps),
+        _zp_sym(quant_min, quant_max), SYMMETRIC=symmetric, RECIP=_recip(x.device),
+        BLOCK_P=16, BLOCK_C=K.CI_BLOCK_C, **_LAUNCH)
+    out, mask = fq_forward(x, scale, zp, quant_min, quant_max, axis, save_mask)
     return out, mask, scale, zp
 
 
