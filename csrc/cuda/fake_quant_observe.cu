@@ -463,10 +463,10 @@ struct Plan {
 };
 
 template <typename T, int V, bool PerChannel>
-Plan make_plan(const FqLayout& l) {
+Plan make_plan(const FqLayout& l, bool single) {
   Plan p;
   p.kernel = observe_fq_kernel<T, V, PerChannel>;
-  if (l.n > kSingleBlockMax && cooperative_supported()) {
+  if (!single && l.n > kSingleBlockMax && cooperative_supported()) {
     const int per_sm = blocks_per_sm<T, V, PerChannel>();
     if (per_sm > 0) {
       const int64_t fit = static_cast<int64_t>(per_sm) * sm_count();
@@ -499,17 +499,17 @@ Plan make_plan(const FqLayout& l) {
 // Vector width: 128-bit when x and out are 16-byte aligned and (per channel) a vector never
 // straddles channels unevenly; float64 stays scalar.
 template <typename T>
-Plan plan_for(const FqLayout& l, const void* x, const void* out) {
+Plan plan_for(const FqLayout& l, const void* x, const void* out, bool single) {
   constexpr int VV = 16 / sizeof(T);
   if constexpr (sizeof(T) == 8) {
-    return l.per_channel ? make_plan<T, 1, true>(l) : make_plan<T, 1, false>(l);
+    return l.per_channel ? make_plan<T, 1, true>(l, single) : make_plan<T, 1, false>(l, single);
   } else {
     bool vec = aligned16(x) && (out == nullptr || aligned16(out));
     if (l.per_channel) {
       vec = vec && (l.inner == 1 ? l.channels % VV == 0 : l.inner % VV == 0);
-      return vec ? make_plan<T, VV, true>(l) : make_plan<T, 1, true>(l);
+      return vec ? make_plan<T, VV, true>(l, single) : make_plan<T, 1, true>(l, single);
     }
-    return vec ? make_plan<T, VV, false>(l) : make_plan<T, 1, false>(l);
+    return vec ? make_plan<T, VV, false>(l, single) : make_plan<T, 1, false>(l, single);
   }
 }
 
@@ -523,10 +523,29 @@ void dispatch(DType dt, F&& f) {
   }
 }
 
-Plan plan_any(DType dt, const FqLayout& l, const void* x, const void* out) {
+// single: one block (its K never exceeds the multi-block plan's, so the workspace fits).
+Plan plan_any(DType dt, const FqLayout& l, const void* x, const void* out, bool single = false) {
   Plan p;
-  dispatch(dt, [&](auto tag) { p = plan_for<decltype(tag)>(l, x, out); });
+  dispatch(dt, [&](auto tag) { p = plan_for<decltype(tag)>(l, x, out, single); });
   return p;
+}
+
+cudaError_t launch(const Plan& p, const ObserveArgs& args, cudaStream_t stream) {
+  ObserveArgs a = args;
+  a.K = p.K;
+  a.tpr = p.tpr;
+  a.gx = p.gx;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(p.grid));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = p.grid > 1 ? 1 : 0;  // the barrier needs co-residency only across blocks
+  return cudaLaunchKernelEx(&cfg, p.kernel, a);
 }
 
 }  // namespace
@@ -565,20 +584,14 @@ cudaError_t fq_observe_forward(DType dt, const void* x, void* out, uint8_t* mask
   a.eps = eps;
   a.quantize = out != nullptr;
   a.ws = workspace;
-  a.K = p.K;
-  a.tpr = p.tpr;
-  a.gx = p.gx;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(p.grid));
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeCooperative;
-  attr[0].val.cooperative = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = p.grid > 1 ? 1 : 0;  // the barrier needs co-residency only across blocks
-  return cudaLaunchKernelEx(&cfg, p.kernel, a);
+  cudaError_t err = launch(p, a, stream);
+  if (err == cudaErrorCooperativeLaunchTooLarge && p.grid > 1) {
+    // Fewer SMs usable than the device has (MPS limits, a partitioned device): the launch was
+    // refused before running anything (not a sticky error); one block is always co-resident.
+    cudaGetLastError();
+    err = launch(plan_any(dt, l, x, out, /*single=*/true), a, stream);
+  }
+  return err;
 }
 
 }  // namespace acq::cuda
