@@ -614,15 +614,23 @@ def _same_bits(got, want, what):
 
 
 def _torch_fake_quant(x, scale, zp, axis, qmin, qmax):
-    """torch's CUDA fake quant (what FakeQuantize runs) and its in-range mask, laid out as x."""
-    if axis < 0:
-        out, keep = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
-            x, scale.reshape(1), zp.reshape(1).to(torch.int32),
-            torch.ones(1, device=DEV, dtype=torch.long), qmin, qmax)
-    else:
-        out, keep = torch.ops.aten.fake_quantize_per_channel_affine_cachemask(
-            x, scale, zp.to(torch.int32), axis, qmin, qmax)
-    return out, keep
+    """torch's CUDA fake quant (what FakeQuantize runs) and its in-range mask, laid out as x.
+    Where torch's kernel lacks x's dtype it runs on x.float(), the same fp32 arithmetic its
+    fp16/bf16 kernels do, rounded to x's dtype once at the end."""
+    def call(t):
+        if axis < 0:
+            return torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+                t, scale.reshape(1), zp.reshape(1).to(torch.int32),
+                torch.ones(1, device=DEV, dtype=torch.long), qmin, qmax)
+        return torch.ops.aten.fake_quantize_per_channel_affine_cachemask(
+            t, scale, zp.to(torch.int32), axis, qmin, qmax)
+    try:
+        return call(x)
+    except (RuntimeError, NotImplementedError) as exc:
+        if "not implemented for" not in str(exc) or x.dtype == torch.float32:
+            raise
+        out, keep = call(x.float())
+        return out.to(x.dtype), keep
 
 
 def _cuda_observe_ready():

@@ -11,8 +11,11 @@
 // Small inputs (kSingleBlockMax) run on one block, where the barriers are __syncthreads. Larger
 // ones run on a persistent grid no larger than what is co-resident (occupancy x SMs), launched
 // cooperatively (cudaLaunchAttributeCooperative): the launch fails rather than deadlocks if the
-// grid could not be co-resident, the driver owns (and resets) the grid barrier's state, and a
-// cooperative kernel is a valid CUDA-graph kernel node, so stream capture records it as is.
+// grid could not be co-resident (it is then relaunched on one block), the driver owns (and
+// resets) the grid barrier's state, and a cooperative kernel is a valid CUDA-graph kernel node
+// (CUDA's headers: cudaLaunchAttributeCooperative is "valid for graph nodes, launches"; even
+// device-launched graphs permit cooperative kernel nodes without MPS), so stream capture
+// records it as is. The occupancy and attribute queries are not stream work (capture-safe).
 // Every block of a phase writes all of its partials / outputs, so the workspace needs no
 // clearing; min/max are order-independent, so the result does not depend on the grid size
 // (up to the sign of a zero that is the min or max of both -0 and +0).
