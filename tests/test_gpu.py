@@ -537,7 +537,7 @@ def test_bn_stats_replay_in_a_cuda_graph(backend):
 from torch.ao.quantization import observer as tq_obs  # noqa: E402
 
 OBSERVE_RANGES = ((-128, 127), (0, 255), (-8, 7), (0, 15))
-# (name, shape, memory format, axis or -1). Sizes above 2^18 elements take the multi-block
+# (name, shape, memory format, axis or -1). Sizes above 2^15 elements take the multi-block
 # cooperative grid (grid-wide barriers); odd channel counts / runs take the scalar variants.
 OBSERVE_LAYOUTS = (
     ("t_one", (1,), "contiguous", -1),

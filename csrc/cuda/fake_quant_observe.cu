@@ -8,14 +8,17 @@
 //      update to min_val/max_val (read and written by that same thread), computes the qparams
 //      as torch does on CUDA and stores scale/zero_point;
 //   3. (quantize) the fake quant of x with the stored qparams, and the packed mask.
-// Small inputs (kSingleBlockMax) run on one block, where the barriers are __syncthreads. Larger
-// ones run on a persistent grid no larger than what is co-resident (occupancy x SMs), launched
-// cooperatively (cudaLaunchAttributeCooperative): the launch fails rather than deadlocks if the
-// grid could not be co-resident (it is then relaunched on one block), the driver owns (and
-// resets) the grid barrier's state, and a cooperative kernel is a valid CUDA-graph kernel node
-// (CUDA's headers: cudaLaunchAttributeCooperative is "valid for graph nodes, launches"; even
-// device-launched graphs permit cooperative kernel nodes without MPS), so stream capture
-// records it as is. The occupancy and attribute queries are not stream work (capture-safe).
+// Small inputs (up to kSingleBlockMax elements) run on one block, where the barriers are
+// __syncthreads. Larger ones run on a persistent grid no larger than what is co-resident
+// (occupancy x SMs), launched cooperatively (cudaLaunchAttributeCooperative): the launch fails
+// rather than deadlocks if the grid could not be co-resident (it is then relaunched on one
+// block), the driver owns (and resets) the grid barrier's state, and a cooperative kernel is a
+// valid CUDA-graph kernel node (CUDA's headers: cudaLaunchAttributeCooperative is "valid for
+// graph nodes, launches"; even device-launched graphs permit cooperative kernel nodes without
+// MPS), so stream capture records it as is. The occupancy and attribute queries are not
+// stream work (capture-safe). An atomic-counter barrier on a normal launch was not used: it
+// needs a zeroed, persistent counter per device and stream, and nothing but the occupancy
+// estimate would stand between it and a deadlock.
 // Every block of a phase writes all of its partials / outputs, so the workspace needs no
 // clearing; min/max are order-independent, so the result does not depend on the grid size
 // (up to the sign of a zero that is the min or max of both -0 and +0).
@@ -37,9 +40,11 @@ using namespace dev;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// At most this many elements: one block does everything (weights, small activations; no
-// grid barrier, and launch latency dominates anyway).
-constexpr int64_t kSingleBlockMax = int64_t{1} << 18;
+// At most this many elements: one block does everything (no grid barrier). One 256-thread
+// block keeps only ~16 KiB of loads in flight, about 30 GB/s from DRAM, so beyond a few tens
+// of thousands of elements the multi-block grid and its two grid barriers (microseconds)
+// should win; the crossover is an estimate, not measured on a GPU.
+constexpr int64_t kSingleBlockMax = int64_t{1} << 15;
 // Elements per block of the multi-block grid before adding blocks stops paying off.
 constexpr int64_t kElemsPerBlock = int64_t{kThreads} * 16;
 
