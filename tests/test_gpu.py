@@ -789,6 +789,8 @@ def test_observe_auto_backend_is_the_single_launch_op():
     x = torch.randn(8, 16, 5, 5, device=DEV)
     with use("auto"):
         assert fq_ops._observe_impl(x) is torch.ops.acq_kernels_C.fq_observe_forward
+        # the module's eager hot path (C++ autograd op) then redispatches to the CUDA kernel
+        assert fq_ops.observe_train_op(x) is not None
     if _backend.backend_usable("triton", DEV):
         s_c, s_t = _fresh_state(16), _fresh_state(16)
         with use("cuda"):
