@@ -31,6 +31,17 @@ _AUTO_ORDER = {
     "cpu": ("cpu", "reference"),
 }
 
+# Per-op exceptions to _AUTO_ORDER, keyed by (device type, op name as passed to select).
+# fake_quant.fq_observe_forward on CUDA: the extension runs the observer step, the qparams and
+# the fake quant in one kernel launch, where the Triton path is several launches (device-side
+# torch ops for the observer, then its fake-quant kernel); for the small tensors of a QAT step
+# (weights, per-layer activations) launch count is what costs, so "auto" prefers the
+# extension there. Not measured on a GPU; the Triton path stays selectable with
+# set_backend("triton").
+_AUTO_ORDER_BY_OP = {
+    ("cuda", "fake_quant.fq_observe_forward"): ("cuda", "triton", "reference"),
+}
+
 # Tensors of more elements than this are beyond the Triton kernels' 32-bit in-kernel offsets
 # (the fake-quant launchers check a slightly larger bound); "auto" gives them to the next
 # backend in its order (the CUDA extension uses 64-bit sizes). An explicit "triton" choice
@@ -153,7 +164,8 @@ def _select(choice: str, dev: torch.device, supported: tuple, op: str, huge: boo
             raise RuntimeError(f"{op}: backend {choice!r} cannot run on device {dev}; "
                                f"usable here: {usable_backends(dev, supported)}")
         return choice
-    for name in _AUTO_ORDER.get(dev.type, ("reference",)):
+    order = _AUTO_ORDER_BY_OP.get((dev.type, op)) or _AUTO_ORDER.get(dev.type, ("reference",))
+    for name in order:
         if name == "triton" and huge:
             continue
         if name in supported and backend_usable(name, dev):

@@ -91,3 +91,19 @@ def test_tune_cpu_allocator_keeps_freed_buffers_for_reuse():
         acq_kernels.tune_cpu_allocator(0)
     with pytest.raises(TypeError, match="max_reused_bytes"):
         acq_kernels.tune_cpu_allocator(1.5)
+
+
+def test_auto_prefers_the_extension_for_the_fused_observer_on_cuda(monkeypatch):
+    """On CUDA "auto" takes Triton first, except fq_observe_forward, which the extension runs
+    in one kernel launch (the Triton path is several); explicit choices still win."""
+    monkeypatch.setattr(_backend, "backend_usable", lambda name, device: True)
+    cuda = torch.device("cuda")
+    every = ("reference", "triton", "cuda")
+    assert _backend.select(cuda, supported=every, op="fake_quant.fq_observe_forward") == "cuda"
+    assert _backend.select(cuda, supported=("reference", "triton"),
+                           op="fake_quant.fq_observe_forward") == "triton"  # older extension
+    assert _backend.select(cuda, supported=every, op="fake_quant.fq_forward") == "triton"
+    with acq_kernels.set_backend("triton"):
+        assert _backend.select(cuda, supported=every, op="fake_quant.fq_observe_forward") == "triton"
+    assert _backend.select(torch.device("cpu"), supported=every + ("cpu",),
+                           op="fake_quant.fq_observe_forward") == "cpu"

@@ -17,7 +17,7 @@ PTXAS = shutil.which("ptxas")
 CXXFILT = shutil.which("c++filt")
 pytestmark = pytest.mark.skipif(None in (NVCC, PTXAS, CXXFILT), reason="needs nvcc, ptxas and c++filt")
 
-FILES = ("fake_quant", "attention", "bn_stats")
+FILES = ("fake_quant", "attention", "bn_stats", "fake_quant_observe")
 # The three element types the 128-bit paths serve, with their elements per 16 bytes.
 VEC_TYPES = (("float", 4), ("__half", 8), ("__nv_bfloat16", 8))
 
@@ -33,6 +33,7 @@ _ENTRY = re.compile(r"^(?:\.visible\s+|\.weak\s+)?\.(?:entry|func)\s+(?:\([^)]*\
 CHECKED = re.compile(r"^void (?:minmax_(?:partial|columns|rows|fq_segment)_kernel|lsq_\w+_kernel|"
                      r"fq_kernel|map_nchw_kernel|map_nhwc_kernel|feat_bwd_kernel)"
                      r"<(?:float|__half|__nv_bfloat16)\b|"
+                     r"^void observe_fq_kernel<|"
                      r"^(?:bn_combine_kernel|bn_partial_kernel|bn_backward_kernel|lsq_finish_kernel|per_elem|hoisted)\(")
 
 
@@ -94,18 +95,18 @@ def div64_in_loops(body: str):
     return [line.strip() for line in loop_lines(body) if _DIV64.match(line)]
 
 
-def _compile(src: str, out_dir: str) -> Compiled:
-    """nvcc -ptx for sm_90, then ptxas -v on the CHECKED entries."""
+def _compile(src: str, out_dir: str, arch: int = 90) -> Compiled:
+    """nvcc -ptx for sm_<arch>, then ptxas -v on the CHECKED entries."""
     name = os.path.splitext(os.path.basename(src))[0]
     ptx = os.path.join(out_dir, name + ".ptx")
-    res = subprocess.run([NVCC, "-std=c++17", "-O3", "-arch=sm_90", "-ptx", "-I",
+    res = subprocess.run([NVCC, "-std=c++17", "-O3", f"-arch=sm_{arch}", "-ptx", "-I",
                           os.path.join(ROOT, "csrc"), src, "-o", ptx], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-4000:]
     with open(ptx) as f:
         c = Compiled(f.read())
     entries = [m for n, m in c.mangled.items() if CHECKED.search(n)]
     if entries:
-        res = subprocess.run([PTXAS, "-arch=sm_90", "-v", "-e", ",".join(entries), ptx, "-o",
+        res = subprocess.run([PTXAS, f"-arch=sm_{arch}", "-v", "-e", ",".join(entries), ptx, "-o",
                               os.path.join(out_dir, name + ".cubin")], capture_output=True, text=True)
         assert res.returncode == 0, res.stderr[-4000:]
         c.read_ptxas_log(res.stderr)
@@ -221,3 +222,84 @@ def test_bn_combine_is_lean(cu):
     name = c.kernel(r"bn_combine_kernel")
     assert_lean(c, name)
     assert "bar.sync" in c.bodies[name]  # the tree over partial rows
+
+
+# --- fq_observe_forward: observer + qparams + fake quant in one launch ----------------------
+
+OBSERVE_SRC = os.path.join(ROOT, "csrc", "cuda", "fake_quant_observe.cu")
+
+
+@pytest.fixture(scope="session")
+def observe_sm80(tmp_path_factory):
+    """fake_quant_observe.cu for sm_80 (the other supported architecture of the wheel)."""
+    return _compile(OBSERVE_SRC, str(tmp_path_factory.mktemp("ptx_observe_80")), arch=80)
+
+
+def _observe_variants(c: Compiled):
+    return [n for n in c.bodies if n.startswith("void observe_fq_kernel<")]
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_observe_kernel_has_every_variant_lean(cu, observe_sm80, arch):
+    """One kernel per (dtype, vector width, per-channel): all spill-free, no 64-bit division
+    in any loop (channels follow cursors), on sm_80 and sm_90."""
+    c = cu["fake_quant_observe"] if arch == 90 else observe_sm80
+    names = _observe_variants(c)
+    want = [f"{t}, {v}, {pc}" for t, v in VEC_TYPES + (("double", 1),) for pc in ("false", "true")]
+    want += [f"{t}, 1, {pc}" for t, _ in VEC_TYPES for pc in ("false", "true")]
+    for w in want:
+        assert any(f"observe_fq_kernel<{w}>" in n for n in names), (w, names)
+    assert not any("observe_fq_kernel<double, 2" in n for n in names)  # float64 stays scalar
+    for name in names:
+        assert_lean(c, name)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("t,v", VEC_TYPES)
+@pytest.mark.parametrize("per_channel", ["false", "true"])
+def test_observe_kernel_streams_in_its_loops(cu, observe_sm80, arch, t, v, per_channel):
+    """128-bit loads inside loops (the min/max pass and the fake-quant pass) and 128-bit
+    stores of out; per tensor the min/max pass keeps four loads in flight."""
+    c = cu["fake_quant_observe"] if arch == 90 else observe_sm80
+    name = c.kernel(rf"observe_fq_kernel<{t}, {v}, {per_channel}>")
+    loops = "\n".join(loop_lines(c.bodies[name]))
+    want_loads = 5 if per_channel == "false" else 3  # 4 + 1; columns 2 + runs 1 (+ fq 1)
+    assert len(_LD_V4.findall(loops)) >= want_loads, name
+    assert len(_ST_V4.findall(loops)) >= 1, name
+
+
+def test_observe_kernel_has_the_grid_barrier(cu, observe_sm80):
+    """Between the phases: cooperative_groups' grid sync (an arrive on a gpu-scope counter
+    with release semantics, then an acquire spin) besides the block barriers."""
+    for c in (cu["fake_quant_observe"], observe_sm80):
+        for name in _observe_variants(c):
+            body = c.bodies[name]
+            assert re.search(r"\batom\.add\.release\.gpu\.", body), name
+            assert re.search(r"\bld\.acquire\.gpu\.", body), name
+            assert re.search(r"\bbar(?:rier)?\.sync\b", body), name
+
+
+def _strip_comments(src: str) -> str:
+    return re.sub(r"//[^\n]*", "", src)
+
+
+def test_observe_launch_is_one_cooperative_capturable_launch():
+    """The launcher has one launch site, cooperative when the grid has several blocks (so
+    co-residency is guaranteed or the launch is refused, then retried on one block; a
+    cooperative kernel is a valid graph node), and nothing host-visible: no synchronisation,
+    no copies, no memsets, no host allocation (the workspace comes from torch's caching
+    allocator in the op)."""
+    src = _strip_comments(open(OBSERVE_SRC).read())
+    assert src.count("cudaLaunchKernelEx(") == 1
+    assert "cudaErrorCooperativeLaunchTooLarge" in src
+    assert "<<<" not in src
+    assert "cudaLaunchAttributeCooperative" in src
+    for bad in ("Synchronize", "cudaMemcpy", "cudaMemset", "cudaMalloc", "cudaHostAlloc",
+                "cudaStreamWait", "cudaEventSynchronize"):
+        assert bad not in src, bad
+    ops_src = _strip_comments(open(os.path.join(ROOT, "csrc", "ops", "fake_quant.cpp")).read())
+    body = ops_src[ops_src.index("fq_observe_forward_cuda("):]
+    body = body[:body.index("\n}\n")]
+    for bad in (".item", ".cpu()", "Synchronize", "to(at::kCPU", "copy_", "fill_", "zero_("):
+        assert bad not in body, bad
+    assert "CUDAGuard" in body and "check_observe_args" in body

@@ -528,3 +528,275 @@ def test_bn_stats_replay_in_a_cuda_graph(backend):
             want = loss_and_grads()
             for got, ref in zip(static_out, want):
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# fq_observe_forward on CUDA: observer step + qparams + fake quant in one kernel launch,
+# bitwise against torch.ao's observers and torch's fake quant run on the GPU
+# ---------------------------------------------------------------------------------------------
+from torch.ao.quantization import observer as tq_obs  # noqa: E402
+
+OBSERVE_RANGES = ((-128, 127), (0, 255), (-8, 7), (0, 15))
+# (name, shape, memory format, axis or -1). Sizes above 2^15 elements take the multi-block
+# cooperative grid (grid-wide barriers); odd channel counts / runs take the scalar variants.
+OBSERVE_LAYOUTS = (
+    ("t_one", (1,), "contiguous", -1),
+    ("t_odd", (4099,), "contiguous", -1),
+    ("t_unaligned", (4101,), "unaligned", -1),
+    ("t_nhwc", (4, 12, 9, 11), "channels_last", -1),
+    ("t_large", ((1 << 22) + 3,), "contiguous", -1),
+    ("t_large_nhwc", (32, 64, 28, 28), "channels_last", -1),
+    ("c_weight_axis0", (64, 32, 3, 3), "contiguous", 0),
+    ("c_weight_axis0_odd", (37, 5, 3, 3), "contiguous", 0),
+    ("c_linear_axis0", (300, 129), "contiguous", 0),
+    ("c_last_axis", (6, 5, 40), "contiguous", 2),
+    ("c_nchw_axis1", (4, 24, 12, 12), "contiguous", 1),
+    ("c_nhwc_axis1", (4, 48, 7, 9), "channels_last", 1),     # channels innermost
+    ("c_nhwc_axis1_odd", (3, 37, 5, 7), "channels_last", 1),
+    ("c_nhwc_axis2", (4, 8, 6, 10), "channels_last", 2),
+    ("c_unaligned", (8, 33), "unaligned", 0),
+    ("c_huge_channels", (3, 70000), "contiguous", 1),
+    ("c_large_nchw", (64, 64, 32, 32), "contiguous", 1),     # multi-block, runs
+    ("c_large_nhwc", (64, 64, 32, 32), "channels_last", 1),  # multi-block, columns
+    ("c_large_one_sample", (1, 16, 256, 256), "contiguous", 1),
+    ("c_large_axis0", (512, 1024), "contiguous", 0),
+)
+OBSERVER_KINDS = ("minmax", "moving_average")
+
+
+def _observe_input(shape, fmt, dtype, step, gen):
+    numel = 1
+    for s in shape:
+        numel *= s
+    base = torch.randn(numel + 1, device=DEV, generator=gen) * (1 + step) + 0.3 * step
+    if fmt == "unaligned":  # a view whose data pointer is not 16-byte aligned
+        return base.to(dtype)[1:].reshape(shape)
+    t = base[:numel].reshape(shape).to(dtype)
+    return t.contiguous(memory_format=torch.channels_last) if fmt == "channels_last" else t
+
+
+def _torch_observer(kind, axis, qmin, qmax, symmetric, c):
+    dtype = torch.qint8 if qmin < 0 else torch.quint8
+    if axis < 0:
+        qscheme = torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine
+        cls = tq_obs.MovingAverageMinMaxObserver if kind == "moving_average" else tq_obs.MinMaxObserver
+        kw = {}
+    else:
+        qscheme = torch.per_channel_symmetric if symmetric else torch.per_channel_affine
+        cls = (tq_obs.MovingAveragePerChannelMinMaxObserver if kind == "moving_average"
+               else tq_obs.PerChannelMinMaxObserver)
+        kw = {"ch_axis": axis}
+    if kind == "moving_average":
+        kw["averaging_constant"] = c
+    return cls(dtype=dtype, qscheme=qscheme, quant_min=qmin, quant_max=qmax, **kw).to(DEV)
+
+
+def _symmetric_zero_point(qmin, qmax):
+    return (qmin + qmax) // 2 if qmin >= 0 else 0  # torch's rule for a customised range
+
+
+def _fresh_state(channels):
+    return [torch.full((channels,), float("inf"), device=DEV),
+            torch.full((channels,), float("-inf"), device=DEV),
+            torch.ones(channels, device=DEV), torch.zeros(channels, device=DEV, dtype=torch.int32)]
+
+
+def _observe_cuda(x, state, axis, kind, c, qmin, qmax, symmetric, eps, quantize=True, save_mask=True):
+    return torch.ops.acq_kernels_C.fq_observe_forward(
+        x, *state, axis, c, kind == "moving_average", qmin, qmax, symmetric,
+        _symmetric_zero_point(qmin, qmax), eps, quantize, save_mask)
+
+
+def _same_bits(got, want, what):
+    got, want = got.reshape(-1), want.reshape(-1).to(got.dtype)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), what
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want)), what
+
+
+def _torch_fake_quant(x, scale, zp, axis, qmin, qmax):
+    """torch's CUDA fake quant (what FakeQuantize runs) and its in-range mask, laid out as x.
+    Where torch's kernel lacks x's dtype it runs on x.float(), the same fp32 arithmetic its
+    fp16/bf16 kernels do, rounded to x's dtype once at the end."""
+    def call(t):
+        if axis < 0:
+            return torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+                t, scale.reshape(1), zp.reshape(1).to(torch.int32),
+                torch.ones(1, device=DEV, dtype=torch.long), qmin, qmax)
+        return torch.ops.aten.fake_quantize_per_channel_affine_cachemask(
+            t, scale, zp.to(torch.int32), axis, qmin, qmax)
+    try:
+        return call(x)
+    except (RuntimeError, NotImplementedError) as exc:
+        if "not implemented for" not in str(exc) or x.dtype == torch.float32:
+            raise
+        out, keep = call(x.float())
+        return out.to(x.dtype), keep
+
+
+def _cuda_observe_ready():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if not _backend.backend_usable("cuda", DEV):
+        pytest.skip("extension built without CUDA kernels")
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("acq_kernels_C::fq_observe_forward", "CUDA"):
+        pytest.skip("extension has no CUDA fq_observe_forward")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", OBSERVER_KINDS)
+@pytest.mark.parametrize("symmetric", (False, True), ids=("affine", "symmetric"))
+def test_observe_forward_matches_torch_ao_on_cuda(dtype, kind, symmetric):
+    """Three observer steps per layout and range: min_val/max_val/scale/zero_point bitwise
+    torch.ao's observer + calculate_qparams on CUDA, out bitwise torch's CUDA fake quant with
+    those qparams, the packed mask its in-range mask; x is left untouched."""
+    _cuda_observe_ready()
+    from acq_kernels.fake_quant import reference
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    c, eps = 0.05, torch.finfo(torch.float32).eps
+    for li, (name, shape, fmt, axis) in enumerate(OBSERVE_LAYOUTS):
+        qmin, qmax = OBSERVE_RANGES[li % len(OBSERVE_RANGES)]
+        channels = 1 if axis < 0 else shape[axis]
+        obs = _torch_observer(kind, axis, qmin, qmax, symmetric, c)
+        state = _fresh_state(channels)
+        for step in range(3):
+            x = _observe_input(shape, fmt, dtype, step, gen)
+            x_before = x.clone()
+            out, mask = _observe_cuda(x, state, axis, kind, c, qmin, qmax, symmetric, eps)
+            obs(x)
+            rs, rz = obs.calculate_qparams()
+            what = f"{name} step {step} [{qmin}, {qmax}]"
+            _same_bits(state[0], obs.min_val, what + " min_val")
+            _same_bits(state[1], obs.max_val, what + " max_val")
+            _same_bits(state[2], rs.float(), what + " scale")
+            assert torch.equal(state[3], rz.reshape(-1).to(torch.int32)), what + " zero_point"
+            ref_out, keep = _torch_fake_quant(x, rs.float().reshape(-1), rz.reshape(-1), axis, qmin, qmax)
+            assert out.stride() == x.stride(), what
+            _same_bits(out, ref_out, what + " out")
+            assert torch.equal(reference.unpack_mask(mask, x), keep), what + " mask"
+            assert torch.equal(x, x_before), what + " x"
+
+
+@pytest.mark.parametrize("kind", OBSERVER_KINDS)
+def test_observe_forward_state_only_empty_input_and_determinism(kind):
+    """quantize=False updates only the state; an empty x leaves it untouched; a repeated call
+    on the same input and state is bitwise the same (also on the multi-block grid)."""
+    _cuda_observe_ready()
+    args = (kind, 0.1, -8, 7, False, 1e-6)
+    for shape, axis in (((3000,), -1), ((1 << 21,), -1), ((64, 64, 32, 32), 1), ((5, 0, 3), 0)):
+        x = torch.randn(shape, device=DEV) * 3
+        channels = 1 if axis < 0 else shape[axis]
+        s1, s2 = _fresh_state(channels), _fresh_state(channels)
+        out, mask = _observe_cuda(x, s1, axis, *args, quantize=False)
+        assert out.numel() == 0 and mask.numel() == 0
+        _observe_cuda(x, s2, axis, *args)
+        for a, b in zip(s1, s2):
+            assert torch.equal(a, b)
+        if x.numel() == 0:
+            for a, b in zip(s1, _fresh_state(channels)):
+                assert torch.equal(a, b)  # untouched
+            continue
+        o1, m1 = _observe_cuda(x, s1, axis, *args)
+        o2, m2 = _observe_cuda(x, s2, axis, *args)
+        assert torch.equal(o1, o2) and torch.equal(m1, m2)
+        for a, b in zip(s1, s2):
+            assert torch.equal(a, b)
+
+
+def test_observe_forward_never_seen_rule_and_nan():
+    """A per-tensor range at +inf/-inf after observing (all-inf input keeps it finite-free)
+    follows the reference; NaN and inf inputs propagate as torch's observers do."""
+    _cuda_observe_ready()
+    x = torch.randn(50000, device=DEV)
+    x[::997] = float("inf")
+    x[5::1009] = float("-inf")
+    for kind in OBSERVER_KINDS:
+        obs = _torch_observer(kind, -1, 0, 255, False, 0.1)
+        state = _fresh_state(1)
+        for step in range(2):
+            xs = x * (step + 1)
+            out, _ = _observe_cuda(xs, state, -1, kind, 0.1, 0, 255, False, float(obs.eps))
+            obs(xs)
+            rs, rz = obs.calculate_qparams()
+            _same_bits(state[0], obs.min_val, "min_val")
+            _same_bits(state[1], obs.max_val, "max_val")
+            _same_bits(state[2], rs.float(), "scale")
+            assert torch.equal(state[3], rz.reshape(-1).to(torch.int32))
+    xn = torch.randn(4096, device=DEV)
+    xn[7] = float("nan")
+    state = _fresh_state(1)
+    _observe_cuda(xn, state, -1, "minmax", 0.1, 0, 255, False, 1e-6)
+    assert torch.isnan(state[0]).all() and torch.isnan(state[1]).all()
+
+
+@pytest.mark.parametrize("shape,axis", (((4099,), -1), ((1 << 22,), -1), ((64, 32, 3, 3), 0),
+                                        ((64, 64, 32, 32), 1)), ids=str)
+def test_observe_forward_replays_in_a_cuda_graph(shape, axis):
+    """Captured once (single block and the cooperative multi-block grid alike), each replay
+    with new values in the static input updates the state and the output as eager does."""
+    _cuda_observe_ready()
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    channels = 1 if axis < 0 else shape[axis]
+    args = (axis, "moving_average", 0.1, 0, 255, False, 1e-6)
+    x = torch.randn(shape, device=DEV, generator=gen)
+    state = _fresh_state(channels)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _observe_cuda(x, state, *args)  # warm-up (occupancy queries are cached here)
+    torch.cuda.current_stream().wait_stream(side)
+    eager_state = [t.clone() for t in state]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out, static_mask = _observe_cuda(x, state, *args)
+    for trial in range(3):
+        with torch.no_grad():
+            x.copy_(torch.randn(shape, device=DEV, generator=gen) * (trial + 2))
+        graph.replay()
+        want_out, want_mask = _observe_cuda(x, eager_state, *args)
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, want_out) and torch.equal(static_mask, want_mask), trial
+        for a, b in zip(state, eager_state):
+            assert torch.equal(a, b), trial
+
+
+def test_observe_forward_on_a_non_current_device():
+    """x on cuda:1 while cuda:0 is current: the op runs on x's device (CUDAGuard; the SM count
+    and occupancy are those of x's device) and matches the same call made current there."""
+    _cuda_observe_ready()
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    d1 = torch.device("cuda", 1)
+    for shape, axis in (((4099,), -1), ((1 << 22,), -1), ((64, 64, 32, 32), 1)):
+        x = torch.randn(shape, device=d1)
+        channels = 1 if axis < 0 else shape[axis]
+        s_a = [t.to(d1) for t in _fresh_state(channels)]
+        s_b = [t.clone() for t in s_a]
+        with torch.cuda.device(0):
+            out_a, mask_a = _observe_cuda(x, s_a, axis, "minmax", 0.1, -8, 7, True, 1e-6)
+        with torch.cuda.device(1):
+            out_b, mask_b = _observe_cuda(x, s_b, axis, "minmax", 0.1, -8, 7, True, 1e-6)
+        torch.cuda.synchronize(d1)
+        assert out_a.device == d1 and torch.equal(out_a, out_b) and torch.equal(mask_a, mask_b)
+        for a, b in zip(s_a, s_b):
+            assert torch.equal(a, b)
+
+
+def test_observe_auto_backend_is_the_single_launch_op():
+    """On CUDA "auto" gives fq_observe_forward to the extension; "triton" stays selectable and
+    agrees with it."""
+    _cuda_observe_ready()
+    from acq_kernels.fake_quant import ops as fq_ops
+    x = torch.randn(8, 16, 5, 5, device=DEV)
+    with use("auto"):
+        assert fq_ops._observe_impl(x) is torch.ops.acq_kernels_C.fq_observe_forward
+        # the module's eager hot path (C++ autograd op) then redispatches to the CUDA kernel
+        assert fq_ops.observe_train_op(x) is not None
+    if _backend.backend_usable("triton", DEV):
+        s_c, s_t = _fresh_state(16), _fresh_state(16)
+        with use("cuda"):
+            oc, mc = fq_ops._observe_impl(x)(x, *s_c, 1, 0.1, True, 0, 255, False, 128, 1e-6, True, True)
+        with use("triton"):
+            ot, mt = fq_ops._observe_impl(x)(x, *s_t, 1, 0.1, True, 0, 255, False, 128, 1e-6, True, True)
+        assert torch.equal(oc, ot) and torch.equal(mc, mt)
+        for a, b in zip(s_c, s_t):
+            assert torch.equal(a, b)

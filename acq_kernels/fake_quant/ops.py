@@ -253,18 +253,29 @@ class MovingAverageFakeQuant(torch.autograd.Function):
 
 # --- any min/max observer (per-tensor or per-channel) + qparams + fake quant ----------------
 
+@functools.lru_cache(maxsize=None)
+def _ext_has_cuda_observe() -> bool:
+    """Whether the loaded extension registers a CUDA kernel for fq_observe_forward (builds
+    before it had the CPU one only)."""
+    return _ext_has("fq_observe_forward") and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"{_extension.OPS_NAMESPACE}::fq_observe_forward", "CUDA")
+
+
 def _observe_impl(x: Tensor):
-    """fq_observe_forward for x's device. The extension implements it on CPU only; on CUDA the
-    Triton backend runs the reference observer step (device-side torch ops, no host read) and
-    then its fq_forward kernel."""
+    """fq_observe_forward for x's device. The extension implements it on CPU (one call) and on
+    CUDA (one kernel launch: observer step, qparams and fake quant; "auto" prefers it there,
+    see _backend._AUTO_ORDER_BY_OP); the Triton backend runs the reference observer step
+    (device-side torch ops, no host read) and then its fq_forward kernel."""
     names = ["reference"]
     if x.dtype != torch.float64:  # Triton kernels cover fp32/fp16/bf16
         names.append("triton")
     if x.device.type == "cpu" and _ext_has("fq_observe_forward"):
         names.append("cpu")
+    if x.device.type == "cuda" and _ext_has_cuda_observe():
+        names.append("cuda")
     backend = _backend.select(x.device, supported=tuple(names), op="fake_quant.fq_observe_forward",
                               numel=x.numel())
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):
         return _extension.ops().fq_observe_forward
     if backend == "triton":
         from . import triton_launch

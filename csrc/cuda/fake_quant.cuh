@@ -62,4 +62,16 @@ void fq_moving_average_forward(DType dt, const void* x, void* out, uint8_t* mask
                                int quant_max, bool symmetric, float eps, float* workspace,
                                cudaStream_t stream);
 
+// fq_observe_forward (fake_quant_observe.cu): any min/max observer step (per tensor, or per
+// channel when l.per_channel), the qparams and, when out != nullptr, the fake quant, in one
+// kernel launch; min_val/max_val/scale/zero_point [channels] are updated in place on the
+// device. Returns the launch's error (a cooperative launch for large inputs).
+size_t observe_workspace_floats(DType dt, const FqLayout& l, const void* x, const void* out);
+cudaError_t fq_observe_forward(DType dt, const void* x, void* out, uint8_t* mask,
+                               const FqLayout& l, float* min_val, float* max_val, float* scale,
+                               int32_t* zero_point, bool moving_average,
+                               float averaging_constant, int quant_min, int quant_max,
+                               bool symmetric, int symmetric_zero_point, float eps,
+                               float* workspace, cudaStream_t stream);
+
 }  // namespace acq::cuda

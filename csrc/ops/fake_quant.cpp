@@ -372,12 +372,10 @@ void check_state_buffer(const Tensor& x, const Tensor& t, const char* name, at::
   TORCH_CHECK(t.scalar_type() == st, name, " must be ", st, ", got ", t.scalar_type());
 }
 
-// Any min/max observer step (per tensor or per channel) + qparams + fake quant; state in place.
-std::tuple<Tensor, Tensor> fq_observe_forward_cpu(
-    const Tensor& x, Tensor& min_val, Tensor& max_val, Tensor& scale, Tensor& zero_point,
-    int64_t axis, double averaging_constant, bool moving_average, int64_t quant_min,
-    int64_t quant_max, bool symmetric, int64_t symmetric_zero_point, double eps, bool quantize,
-    bool save_mask) {
+// Argument checks shared by the CPU and CUDA fq_observe_forward; returns the channel count.
+int64_t check_observe_args(const Tensor& x, const Tensor& min_val, const Tensor& max_val,
+                           const Tensor& scale, const Tensor& zero_point, int64_t axis,
+                           int64_t quant_min, int64_t quant_max, double eps) {
   check_observer(x, quant_min, quant_max, eps);
   check_axis(x, axis);
   const int64_t C = axis < 0 ? 1 : x.size(axis);
@@ -385,6 +383,17 @@ std::tuple<Tensor, Tensor> fq_observe_forward_cpu(
   check_state_buffer(x, max_val, "max_val", at::kFloat, C);
   check_state_buffer(x, scale, "scale", at::kFloat, C);
   check_state_buffer(x, zero_point, "zero_point", at::kInt, C);
+  return C;
+}
+
+// Any min/max observer step (per tensor or per channel) + qparams + fake quant; state in place.
+std::tuple<Tensor, Tensor> fq_observe_forward_cpu(
+    const Tensor& x, Tensor& min_val, Tensor& max_val, Tensor& scale, Tensor& zero_point,
+    int64_t axis, double averaging_constant, bool moving_average, int64_t quant_min,
+    int64_t quant_max, bool symmetric, int64_t symmetric_zero_point, double eps, bool quantize,
+    bool save_mask) {
+  const int64_t C = check_observe_args(x, min_val, max_val, scale, zero_point, axis, quant_min,
+                                       quant_max, eps);
   Tensor out = quantize ? at::empty_like(x) : at::empty({0}, x.options());
   Tensor mask = new_mask(x, quantize && save_mask);
   if (x.numel() == 0) return {out, mask};  // nothing to observe or quantize
@@ -550,6 +559,41 @@ std::tuple<Tensor, Tensor> fq_moving_average_forward_cuda(
   return {out, mask};
 }
 
+// One kernel launch: observer step, qparams and fake quant (csrc/cuda/fake_quant_observe.cu).
+std::tuple<Tensor, Tensor> fq_observe_forward_cuda(
+    const Tensor& x, Tensor& min_val, Tensor& max_val, Tensor& scale, Tensor& zero_point,
+    int64_t axis, double averaging_constant, bool moving_average, int64_t quant_min,
+    int64_t quant_max, bool symmetric, int64_t symmetric_zero_point, double eps, bool quantize,
+    bool save_mask) {
+  const int64_t C = check_observe_args(x, min_val, max_val, scale, zero_point, axis, quant_min,
+                                       quant_max, eps);
+  // The kernel's task indices are 32-bit (a tensor dim this large is not a channel axis).
+  TORCH_CHECK(C < (int64_t{1} << 31), "x.size(axis) must be < 2^31, got ", C);
+  TORCH_CHECK(symmetric_zero_point >= std::numeric_limits<int32_t>::min() &&
+                  symmetric_zero_point <= std::numeric_limits<int32_t>::max(),
+              "symmetric_zero_point must fit int32, got ", symmetric_zero_point);
+  const c10::cuda::CUDAGuard guard(x.device());
+  Tensor out = quantize ? at::empty_like(x) : at::empty({0}, x.options());
+  Tensor mask = new_mask(x, quantize && save_mask);
+  if (x.numel() == 0) return {out, mask};  // nothing to observe or quantize
+  const acq::cuda::DType dt = cuda_dtype(x);
+  const acq::cuda::FqLayout l = cuda_layout(x, axis);
+  void* out_ptr = quantize ? out.mutable_data_ptr() : nullptr;
+  // Partials from the caching allocator (stream-ordered, capturable); fully written by the
+  // kernel before it reads them, so left uninitialised.
+  Tensor ws = at::empty(
+      {static_cast<int64_t>(acq::cuda::observe_workspace_floats(dt, l, x.const_data_ptr(), out_ptr))},
+      x.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(acq::cuda::fq_observe_forward(
+      dt, x.const_data_ptr(), out_ptr, mask_ptr(mask), l, min_val.mutable_data_ptr<float>(),
+      max_val.mutable_data_ptr<float>(), scale.mutable_data_ptr<float>(),
+      zero_point.mutable_data_ptr<int32_t>(), moving_average,
+      static_cast<float>(averaging_constant), static_cast<int>(quant_min),
+      static_cast<int>(quant_max), symmetric, static_cast<int>(symmetric_zero_point),
+      static_cast<float>(eps), ws.mutable_data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
+  return {out, mask};
+}
+
 #endif  // ACQ_WITH_CUDA
 
 }  // namespace
@@ -568,7 +612,7 @@ TORCH_LIBRARY_FRAGMENT(acq_kernels_C, m) {
         "Tensor(c!) scale, Tensor(d!) zero_point, float averaging_constant, int quant_min, "
         "int quant_max, bool symmetric, float eps, bool observe, bool save_mask) "
         "-> (Tensor out, Tensor mask)");
-  // CPU only; on CUDA the Python dispatch composes the Triton backend's kernels instead.
+  // CPU: observer, qparams and fake quant in one call; CUDA: in one kernel launch.
   m.def("fq_observe_forward(Tensor x, Tensor(a!) min_val, Tensor(b!) max_val, Tensor(c!) scale, "
         "Tensor(d!) zero_point, int axis, float averaging_constant, bool moving_average, "
         "int quant_min, int quant_max, bool symmetric, int symmetric_zero_point, float eps, "
@@ -591,5 +635,6 @@ TORCH_LIBRARY_IMPL(acq_kernels_C, CUDA, m) {
   m.impl("fq_learnable_backward", &fq_learnable_backward_cuda);
   m.impl("fq_minmax_forward", &fq_minmax_forward_cuda);
   m.impl("fq_moving_average_forward", &fq_moving_average_forward_cuda);
+  m.impl("fq_observe_forward", &fq_observe_forward_cuda);
 }
 #endif
