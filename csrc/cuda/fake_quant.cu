@@ -9,6 +9,7 @@
 // contract a multiply-add into an FMA (which rounds once and breaks bitwise equality).
 #include "cuda/fake_quant.cuh"
 #include "cuda/convert.cuh"
+#include "cuda/fake_quant_device.cuh"
 #include "cuda/launch.cuh"
 
 #include <cuda_bf16.h>
@@ -29,57 +30,19 @@ constexpr int kPartialBlocksPerSm = 4;
 constexpr int kChannelBlocksPerSm = 2;
 // LSQ backward pass-1 blocks: a constant, so the order of its sums is the same on every GPU.
 constexpr int kLsqTargetBlocks = 1024;
-constexpr float kInf = __builtin_huge_valf();
-
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
-__device__ __forceinline__ float rne(float v) { return rintf(v); }  // round half to even
-__device__ __forceinline__ double rne(double v) { return rint(v); }
-
-// NaN-sticky min/max, like torch.aminmax.
-__device__ __forceinline__ float nan_min(float a, float b) { return (b < a || b != b) ? b : a; }
-__device__ __forceinline__ float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
-
-// 16-byte vector of V elements (V * sizeof(T) == 16), moved as one uint4.
-template <typename T, int V>
-struct Vec {
-  T v[V];
-};
-template <typename T, int V>
-__device__ __forceinline__ Vec<T, V> load_vec(const T* p) {
-  static_assert(V * sizeof(T) == 16 || V == 1, "vector must be 16 bytes");
-  Vec<T, V> r;
-  if constexpr (V == 1) {
-    r.v[0] = *p;
-  } else {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    memcpy(&r, &raw, sizeof(raw));
-  }
-  return r;
-}
-template <typename T, int V>
-__device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& r) {
-  if constexpr (V == 1) {
-    *p = r.v[0];
-  } else {
-    uint4 raw;
-    memcpy(&raw, &r, sizeof(raw));
-    __stwb(reinterpret_cast<uint4*>(p), raw);  // one 128-bit store (plain stores got split)
-  }
-}
-
-// Writes mask word wi (bytes 4wi..4wi+3), clipped to the mask's byte length.
-__device__ __forceinline__ void store_mask_word(uint8_t* mask, int64_t mask_bytes, int64_t wi,
-                                                uint32_t w) {
-  const int64_t b = wi * 4;
-  if (b + 4 <= mask_bytes) {
-    *reinterpret_cast<uint32_t*>(mask + b) = w;
-  } else {
-    for (int k = 0; k < 4 && b + k < mask_bytes; ++k) mask[b + k] = static_cast<uint8_t>(w >> (8 * k));
-  }
-}
+// The shared device math (round-to-nearest ops, NaN-sticky min/max, 128-bit vectors, mask words).
+using dev::add_rn;
+using dev::fold_minmax;
+using dev::kInf;
+using dev::load_vec;
+using dev::mul_rn;
+using dev::nan_max;
+using dev::nan_min;
+using dev::rne;
+using dev::store_mask_word;
+using dev::store_vec;
+using dev::tile_mask_word;
+using dev::Vec;
 
 // (o / inner, o % inner) with 32-bit division when everything fits (inlined; the 64-bit
 // division is a subroutine call).
@@ -119,17 +82,6 @@ __device__ __forceinline__ void chan_advance(ChanCursor& k, int64_t inner, int64
   if (carry) k.pos -= inner;
   k.c += k.step_c + carry;  // < 2C: one wrap at most
   if (k.c >= C) k.c -= C;
-}
-
-// Mask word of a warp tile of 32 x V elements: each lane's V in-range bits, OR-combined over
-// the 32 / V lanes that hold the same 32 elements (every lane of the group gets the word).
-template <int V>
-__device__ __forceinline__ uint32_t tile_mask_word(uint32_t bits, int lane) {
-  constexpr int kLanesPerWord = 32 / V;
-  uint32_t w = bits << (V * (lane % kLanesPerWord));
-#pragma unroll
-  for (int off = 1; off < kLanesPerWord; off <<= 1) w |= __shfl_xor_sync(0xffffffffu, w, off);
-  return w;
 }
 
 template <typename A, bool ZpBefore, bool ViaFloat = false>
@@ -688,16 +640,6 @@ __global__ void __launch_bounds__(kThreads)
       dscale[c] = t_ds;
       dzero_point[c] = t_dz;
     }
-  }
-}
-
-template <typename T, int W>
-__device__ __forceinline__ void fold_minmax(const Vec<T, W>& in, float& mn, float& mx) {
-#pragma unroll
-  for (int j = 0; j < W; ++j) {
-    const float v = static_cast<float>(to_acc(in.v[j]));
-    mn = nan_min(mn, v);
-    mx = nan_max(mx, v);
   }
 }
 

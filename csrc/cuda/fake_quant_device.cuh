@@ -2,10 +2,8 @@
 // arithmetic (no FMA contraction), NaN-sticky min/max, 128-bit vectors, the per-element fake
 // quant and torch.ao's _calculate_qparams as torch computes it on CUDA.
 //
-// These are the expressions of fake_quant.cu, which keeps its own (anonymous-namespace) copies
-// for now because its kernels were being rewritten when fake_quant_observe.cu was added;
-// switching it to this header is a pure deletion there. Keep both in step until then: the GPU
-// tests compare both paths with torch bit for bit.
+// fake_quant.cu and fake_quant_observe.cu both use it (fake_quant.cu keeps its own fq_elem,
+// which also covers float zero points, and its per-tensor qparams finish).
 #pragma once
 
 #include <cuda_runtime.h>
