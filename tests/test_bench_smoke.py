@@ -147,3 +147,31 @@ def test_qat_step_benchmark(tmp_path):
     text = both.read_text()
     assert "stale" not in text and "| resnet20 B=2 16px | eager |" in text
     assert text.count(bench_readme.START) == 1  # the results section (no bench.report JSON here)
+
+
+def test_qat_step_compiled_variants_run_each_in_its_own_process(monkeypatch):
+    """Compiled variants: one child process each (its times as JSON); a child that fails is an
+    error row, not a lost run."""
+    import subprocess
+    import types
+
+    from bench import qat_step
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        variant = cmd[cmd.index("--_one-compiled") + 2]
+        if variant == "torch_fake_quantize":
+            return types.SimpleNamespace(returncode=1, stdout="", stderr="Traceback\nRuntimeError: boom")
+        t = {"float": 0.1, "torch_fused": 0.3, "acq_fake_quant": 0.11}[variant]
+        return types.SimpleNamespace(returncode=0, stdout='noise\n{"times_s": [%s, %s]}\n' % (t, t),
+                                     stderr="")
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    rows = qat_step.measure("resnet20", 2, 16, CPU, compiled=True, rounds=2, warmup=1,
+                            log=lambda *_: None)
+    assert len(calls) == len(qat_step.VARIANTS)
+    by = {r["variant"]: r for r in rows}
+    assert by["torch_fake_quantize"]["error"].endswith("boom")
+    assert by["float"]["overhead"] == 0 and by["torch_fused"]["overhead"] == pytest.approx(2.0)
+    assert by["acq_fake_quant"]["median_ms"] == pytest.approx(110.0)
+    assert all(r["compiled"] for r in rows)
