@@ -467,6 +467,47 @@ def test_moving_average_low_precision_and_empty(backend):
         assert torch.equal(a, b)
 
 
+# --- byte masks (what traced graphs keep) -------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 7, 8, 31, 32, 33, 257, 32768 * 2 + 13])
+def test_unpack_mask_matches_the_bits(n):
+    """The extension's unpack (AVX2 and its scalar tail) and the reference's give each element
+    its bit, laid out like `like`."""
+    mask = torch.randint(0, 256, ((n + 7) // 8,), dtype=torch.uint8)
+    like = torch.empty(n)
+    want = torch.tensor([(int(mask[i // 8]) >> (i % 8)) & 1 for i in range(min(n, 4096))],
+                        dtype=torch.bool)
+    got = [reference.unpack_mask(mask, like)]
+    if ops._ext_has("fq_unpack_mask"):
+        got.append(torch.ops.acq_kernels_C.fq_unpack_mask(mask, like))
+    for g in got:
+        assert g.dtype == torch.bool and g.shape == like.shape
+        assert torch.equal(g[:want.numel()], want)
+        assert torch.equal(g, got[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_byte_mask_is_the_bit_mask_laid_out_like_the_output(backend):
+    with use_backend(backend, "fake_quantize"), use_backend(backend, "minmax"):
+        for name, x in layouts((3, 6, 5, 7)):
+            x = x.detach()
+            s, z = qparams(x, 1, -8, 7)
+            out, bits = ops.fake_quant(x, s, z, -8, 7, 1, True)
+            out_b, mask = ops.fake_quant(x, s, z, -8, 7, 1, True, True)
+            assert torch.equal(out, out_b), name
+            assert mask.dtype == torch.bool and mask.stride() == out.stride(), name
+            assert torch.equal(mask, reference.unpack_mask(bits, out)), name
+            assert 0 < mask.sum() < mask.numel(), name  # clipped and unclipped elements
+            out_m, bits_m, _, _ = ops.fake_quant_minmax(x, 1, -8, 7, False, 1e-7, True)
+            mask_m = ops.fake_quant_minmax(x, 1, -8, 7, False, 1e-7, True, True)[1]
+            assert mask_m.stride() == out_m.stride(), name
+            assert torch.equal(mask_m, reference.unpack_mask(bits_m, out_m)), name
+    if ops._ext_has("fq_unpack_mask"):  # its own check of what only the op body guarantees
+        with pytest.raises(RuntimeError, match="like must be non-overlapping and dense"):
+            torch.ops.acq_kernels_C.fq_unpack_mask(torch.zeros(3, dtype=torch.uint8),
+                                                   torch.empty(4, 10)[:, ::2])
+
+
 # --- torch.library registration -----------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -482,11 +523,14 @@ def test_opcheck(backend):
             use_backend(backend, "moving_average"):
         mask = ops.fake_quant(x, s, z, -8, 7, 1, True)[1]
         cases = [(ops.fake_quant, (x, s, z, -8, 7, 1, True)),
+                 (ops.fake_quant, (x, s, z, -8, 7, 1, True, True)),  # byte mask
+                 (ops.fake_quant, (x.transpose(0, 2), s, z, -8, 7, 1, True, True)),
                  (ops.fake_quant_mask_backward, (g, mask)),
                  (ops.fake_quant_learnable, (x, sl, zl, -8, 7, 1, 1.0)),
                  (ops.fake_quant_learnable_backward, (g, x.detach(), s, zl.detach(), -8, 7, 1,
                                                       0.5)),
                  (ops.fake_quant_minmax, (x, 1, -8, 7, False, 1e-7, True)),
+                 (ops.fake_quant_minmax, (x, 1, -8, 7, False, 1e-7, True, True)),
                  (ops.fake_quant_moving_average, (x.detach(), *bufs, 0.1, 0, 255, False, 1e-7,
                                                   True, True))]
         for op, args in cases:

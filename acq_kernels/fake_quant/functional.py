@@ -116,8 +116,9 @@ def fake_quantize(x: Tensor, scale, zero_point, quant_min: int, quant_max: int, 
     s = _scale_tensor(op, scale, x, axis)
     zp = _zero_point_tensor(op, zero_point, x, axis, qmin, qmax)
     x = _dense(x)
-    out, _ = ops.fake_quant(x, s, zp, qmin, qmax, -1 if axis is None else axis,
-                            _wants_mask(x, ste))
+    save_mask = _wants_mask(x, ste)
+    out, _ = ops.fake_quant(x, s, zp, qmin, qmax, -1 if axis is None else axis, save_mask,
+                            ops.byte_mask(x, save_mask))
     return out
 
 
@@ -164,8 +165,10 @@ def fake_quantize_minmax(x: Tensor, quant_min: int, quant_max: int, axis=None,
     eps = V.check_positive_finite(op, "eps", eps)
     V.check_ste(op, ste)
     x = _dense(x)
+    save_mask = _wants_mask(x, ste)
     out, _, scale, zp = ops.fake_quant_minmax(x, -1 if axis is None else axis, qmin, qmax,
-                                              symmetric, eps, _wants_mask(x, ste))
+                                              symmetric, eps, save_mask,
+                                              ops.byte_mask(x, save_mask))
     return out, scale.detach(), zp.detach()
 
 

@@ -10,6 +10,7 @@ Arguments are validated by functional.py before they get here.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 from torch import Tensor
@@ -55,6 +56,42 @@ def _f32(t: Tensor) -> Tensor:
     return t.to(torch.float32).reshape(-1).contiguous()
 
 
+# torch >= 2.8 takes tags in custom_op (2.7 does not: its ops keep the default layout constraint).
+_FLEXIBLE = ({"tags": (torch.Tag.flexible_layout,)}
+             if "tags" in inspect.signature(torch.library.custom_op).parameters else {})
+
+
+def _custom_op(name: str, mutates_args=(), flexible: bool = True):
+    """torch.library.custom_op, tagged flexible_layout: the kernels take a tensor in any dense
+    layout and lay their outputs out like it, so inductor feeds the layout it chose (the
+    channels-last conv outputs of a CPU conv net) instead of copying to the traced strides and
+    back (measured: two transposing copies per call, forward and backward)."""
+    return torch.library.custom_op(name, mutates_args=mutates_args,
+                                   **(_FLEXIBLE if flexible else {}))
+
+
+def _dense(x: Tensor) -> Tensor:
+    """x, or, for a view with gaps (flexible_layout lets inductor pass any strides), a dense copy
+    laid out as torch.empty_like(x), which is what the fake kernels promise."""
+    if x.is_contiguous() or x.permute(reference.memory_order(x)).is_contiguous():
+        return x
+    return torch.empty_like(x).copy_(x)
+
+
+def _tracing(t: Tensor) -> bool:
+    """Whether autograd runs on traced tensors (torch.compile/export: FakeTensor, functional
+    wrappers), where inductor may change the layout it traced."""
+    return type(t) is not torch.Tensor or not _no_python_modes()
+
+
+def _like(grad: Tensor, like: Tensor) -> Tensor:
+    """grad with like's strides (the kernels pair elements of grad and like in memory
+    order)."""
+    if grad.stride() == like.stride():
+        return grad
+    return torch.empty_like(like).copy_(grad)
+
+
 def _restride(grad: Tensor, shape, stride) -> Tensor:
     """grad laid out like the forward's output (the mask numbers elements in memory order)."""
     if tuple(grad.stride()) == tuple(stride) or grad.numel() <= 1:
@@ -68,21 +105,53 @@ def _mask_numel(n, save_mask: bool):
     return (n + 7) // 8 if save_mask else 0
 
 
+def byte_mask(x: Tensor, save_mask: bool) -> bool:
+    """Whether a forward op should return its STE mask as one bool per element laid out like
+    its output, instead of packed bits: when traced (torch.compile, export). Inductor may then
+    give the output another layout than the traced one (flexible_layout), or hand its backward
+    a relaid copy, which a memory-order bit mask cannot follow; a bool tensor is relaid with
+    it, and the backward's grad * mask becomes a pointwise op inductor fuses into its
+    neighbours (torch's own fake-quant ops save a bool mask too)."""
+    return save_mask and _tracing(x)
+
+
+def _mask_out(out: Tensor, mask: Tensor, byte_mask: bool) -> Tensor:
+    """The op's mask output: the kernels' packed bits, or those bits one bool per element
+    laid out like out."""
+    if not byte_mask:
+        return mask
+    if out.device.type == "cpu" and _ext_has("fq_unpack_mask"):
+        return _extension.ops().fq_unpack_mask(mask, out)  # one pass, 8 bools per store
+    return reference.unpack_mask(mask, out)
+
+
+def _fake_mask(x: Tensor, save_mask: bool, byte_mask: bool) -> Tensor:
+    if save_mask and byte_mask:
+        return torch.empty_like(x, dtype=torch.bool)
+    return x.new_empty(_mask_numel(x.numel(), save_mask), dtype=torch.uint8)
+
+
 # --- fake quant with fixed qparams ---------------------------------------------------------
 
-@torch.library.custom_op("acq_kernels::fake_quant", mutates_args=())
+@_custom_op("acq_kernels::fake_quant")
 def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int,
-               axis: int, save_mask: bool) -> tuple[Tensor, Tensor]:
-    """(out, packed mask); scale float32 [1]/[C], zero_point int32 [1]/[C], axis -1 = per-tensor."""
-    return _impl(x, "fq_forward")(x, scale, zero_point, quant_min, quant_max, axis, save_mask)
+               axis: int, save_mask: bool, byte_mask: bool = False) -> tuple[Tensor, Tensor]:
+    """(out, mask: packed bits, or bools when byte_mask); scale float32 [1]/[C], zero_point
+    int32 [1]/[C], axis -1 = per-tensor."""
+    x = _dense(x)
+    out, mask = _impl(x, "fq_forward")(x, scale, zero_point, quant_min, quant_max, axis,
+                                       save_mask)
+    return out, _mask_out(out, mask, save_mask and byte_mask)
 
 
 @fake_quant.register_fake
-def _(x, scale, zero_point, quant_min, quant_max, axis, save_mask):
-    return torch.empty_like(x), x.new_empty(_mask_numel(x.numel(), save_mask), dtype=torch.uint8)
+def _(x, scale, zero_point, quant_min, quant_max, axis, save_mask, byte_mask=False):
+    return torch.empty_like(x), _fake_mask(x, save_mask, byte_mask)
 
 
-@torch.library.custom_op("acq_kernels::fake_quant_mask_backward", mutates_args=())
+# Not flexible: the packed mask numbers the forward output's elements in memory order, so grad
+# must come laid out as that output was (traced graphs use byte masks instead, see _mask_grad).
+@_custom_op("acq_kernels::fake_quant_mask_backward", flexible=False)
 def fake_quant_mask_backward(grad: Tensor, mask: Tensor) -> Tensor:
     """grad * mask bit (grad laid out like the forward's output)."""
     return _impl(grad, "fq_mask_backward")(grad, mask)
@@ -106,6 +175,8 @@ def _mask_grad(ctx, grad: Tensor):
     if not ctx.save_mask:  # pure STE: identity
         return grad
     (mask,) = ctx.saved_tensors
+    if mask.dtype == torch.bool:  # byte_mask: as torch's cachemask backward, dY * mask
+        return grad * mask
     return fake_quant_mask_backward(_restride(grad, ctx.shape, ctx.stride), mask)
 
 
@@ -114,7 +185,7 @@ def _fq_setup(ctx, inputs, output):
 
 
 def _fq_backward(ctx, grad_out, grad_mask):
-    return _mask_grad(ctx, grad_out), None, None, None, None, None, None
+    return _mask_grad(ctx, grad_out), None, None, None, None, None, None, None
 
 
 fake_quant.register_autograd(_fq_backward, setup_context=_fq_setup)
@@ -128,9 +199,10 @@ def _forward_zero_point(zero_point: Tensor, quant_min: int, quant_max: int) -> T
                        quant_max).to(torch.int32).reshape(-1).contiguous()
 
 
-@torch.library.custom_op("acq_kernels::fake_quant_learnable", mutates_args=())
+@_custom_op("acq_kernels::fake_quant_learnable")
 def fake_quant_learnable(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int,
                          quant_max: int, axis: int, grad_factor: float) -> Tensor:
+    x = _dense(x)
     fwd = _impl(x, "fq_forward")
     if fwd is reference.fq_forward and scale.dtype == torch.float64:
         s = scale.reshape(-1)  # all-double reference path (gradcheck)
@@ -145,11 +217,14 @@ def _(x, scale, zero_point, quant_min, quant_max, axis, grad_factor):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("acq_kernels::fake_quant_learnable_backward", mutates_args=())
+@_custom_op("acq_kernels::fake_quant_learnable_backward")
 def fake_quant_learnable_backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor,
                                   quant_min: int, quant_max: int, axis: int,
                                   grad_factor: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dscale, dzero_point), dscale/dzero_point shaped [1]/[C] in scale's dtype."""
+    """(dx, dscale, dzero_point), dx laid out like x, dscale/dzero_point shaped [1]/[C] in
+    scale's dtype."""
+    x = _dense(x)
+    grad = _like(grad, x)
     bwd = _impl(x, "fq_learnable_backward")
     if bwd is reference.fq_learnable_backward:
         s, zp = scale.reshape(-1), zero_point.reshape(-1)
@@ -162,13 +237,12 @@ def fake_quant_learnable_backward(grad: Tensor, x: Tensor, scale: Tensor, zero_p
 @fake_quant_learnable_backward.register_fake
 def _(grad, x, scale, zero_point, quant_min, quant_max, axis, grad_factor):
     n = scale.numel()
-    return (torch.empty_like(grad), scale.new_empty(n), scale.new_empty(n))
+    return (torch.empty_like(x), scale.new_empty(n), scale.new_empty(n))
 
 
 def _lsq_setup(ctx, inputs, output):
     x, scale, zero_point, quant_min, quant_max, axis, grad_factor = inputs
     ctx.args = (quant_min, quant_max, axis, grad_factor)
-    ctx.shape, ctx.stride = tuple(x.shape), tuple(x.stride())
     ctx.scale_shape, ctx.zp_shape = tuple(scale.shape), tuple(zero_point.shape)
     ctx.zp_dtype = zero_point.dtype
     ctx.save_for_backward(x, scale, zero_point)
@@ -176,8 +250,8 @@ def _lsq_setup(ctx, inputs, output):
 
 def _lsq_backward(ctx, grad):
     x, scale, zero_point = ctx.saved_tensors
-    dx, ds, dz = fake_quant_learnable_backward(_restride(grad, ctx.shape, ctx.stride), x, scale,
-                                               zero_point, *ctx.args)
+    # (the op lays grad out like x: traced, x's strides at run time are inductor's choice)
+    dx, ds, dz = fake_quant_learnable_backward(grad, x, scale, zero_point, *ctx.args)
     return (dx, ds.reshape(ctx.scale_shape), dz.reshape(ctx.zp_shape).to(ctx.zp_dtype),
             None, None, None, None)
 
@@ -187,18 +261,21 @@ fake_quant_learnable.register_autograd(_lsq_backward, setup_context=_lsq_setup)
 
 # --- fused min/max observer + fake quant ---------------------------------------------------
 
-@torch.library.custom_op("acq_kernels::fake_quant_minmax", mutates_args=())
+@_custom_op("acq_kernels::fake_quant_minmax")
 def fake_quant_minmax(x: Tensor, axis: int, quant_min: int, quant_max: int, symmetric: bool,
-                      eps: float, save_mask: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                      eps: float, save_mask: bool,
+                      byte_mask: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, mask, scale float32 [C]/[1], zero_point int32 [C]/[1])."""
-    return _impl(x, "fq_minmax_forward")(x, axis, quant_min, quant_max, symmetric, eps,
-                                         save_mask)
+    x = _dense(x)
+    out, mask, scale, zero_point = _impl(x, "fq_minmax_forward")(
+        x, axis, quant_min, quant_max, symmetric, eps, save_mask)
+    return out, _mask_out(out, mask, save_mask and byte_mask), scale, zero_point
 
 
 @fake_quant_minmax.register_fake
-def _(x, axis, quant_min, quant_max, symmetric, eps, save_mask):
+def _(x, axis, quant_min, quant_max, symmetric, eps, save_mask, byte_mask=False):
     c = 1 if axis < 0 else x.size(axis)
-    return (torch.empty_like(x), x.new_empty(_mask_numel(x.numel(), save_mask), dtype=torch.uint8),
+    return (torch.empty_like(x), _fake_mask(x, save_mask, byte_mask),
             x.new_empty(c, dtype=torch.float32), x.new_empty(c, dtype=torch.int32))
 
 
@@ -207,7 +284,7 @@ def _minmax_setup(ctx, inputs, output):
 
 
 def _minmax_backward(ctx, grad_out, grad_mask, grad_scale, grad_zp):
-    return _mask_grad(ctx, grad_out), None, None, None, None, None, None
+    return _mask_grad(ctx, grad_out), None, None, None, None, None, None, None
 
 
 fake_quant_minmax.register_autograd(_minmax_backward, setup_context=_minmax_setup)
@@ -215,21 +292,23 @@ fake_quant_minmax.register_autograd(_minmax_backward, setup_context=_minmax_setu
 
 # --- moving-average observer + fake quant (mutates the observer buffers) --------------------
 
-@torch.library.custom_op("acq_kernels::fake_quant_moving_average",
-                         mutates_args=("min_val", "max_val", "scale", "zero_point"))
+@_custom_op("acq_kernels::fake_quant_moving_average",
+            mutates_args=("min_val", "max_val", "scale", "zero_point"))
 def fake_quant_moving_average(x: Tensor, min_val: Tensor, max_val: Tensor, scale: Tensor,
                               zero_point: Tensor, averaging_constant: float, quant_min: int,
                               quant_max: int, symmetric: bool, eps: float, observe: bool,
-                              save_mask: bool) -> tuple[Tensor, Tensor]:
-    return _impl(x, "fq_moving_average_forward")(x, min_val, max_val, scale, zero_point,
-                                                 averaging_constant, quant_min, quant_max,
-                                                 symmetric, eps, observe, save_mask)
+                              save_mask: bool, byte_mask: bool = False) -> tuple[Tensor, Tensor]:
+    x = _dense(x)
+    out, mask = _impl(x, "fq_moving_average_forward")(x, min_val, max_val, scale, zero_point,
+                                                      averaging_constant, quant_min, quant_max,
+                                                      symmetric, eps, observe, save_mask)
+    return out, _mask_out(out, mask, save_mask and byte_mask)
 
 
 @fake_quant_moving_average.register_fake
 def _(x, min_val, max_val, scale, zero_point, averaging_constant, quant_min, quant_max,
-      symmetric, eps, observe, save_mask):
-    return torch.empty_like(x), x.new_empty(_mask_numel(x.numel(), save_mask), dtype=torch.uint8)
+      symmetric, eps, observe, save_mask, byte_mask=False):
+    return torch.empty_like(x), _fake_mask(x, save_mask, byte_mask)
 
 
 class MovingAverageFakeQuant(torch.autograd.Function):
@@ -241,7 +320,8 @@ class MovingAverageFakeQuant(torch.autograd.Function):
                 quant_max, symmetric, eps, observe, save_mask):
         out, mask = fake_quant_moving_average(x, min_val, max_val, scale, zero_point,
                                               averaging_constant, quant_min, quant_max,
-                                              symmetric, eps, observe, save_mask)
+                                              symmetric, eps, observe, save_mask,
+                                              byte_mask(x, save_mask))
         _mask_setup(ctx, out, mask, save_mask)
         ctx.mark_non_differentiable(mask)
         return out, mask
@@ -324,26 +404,29 @@ def _extension_op(name: str):
     return getattr(_extension.ops(), name)
 
 
-@torch.library.custom_op("acq_kernels::fake_quant_observe",
-                         mutates_args=("min_val", "max_val", "scale", "zero_point"))
+@_custom_op("acq_kernels::fake_quant_observe",
+            mutates_args=("min_val", "max_val", "scale", "zero_point"))
 def fake_quant_observe(x: Tensor, min_val: Tensor, max_val: Tensor, scale: Tensor,
                        zero_point: Tensor, axis: int, averaging_constant: float,
                        moving_average: bool, quant_min: int, quant_max: int, symmetric: bool,
                        symmetric_zero_point: int, eps: float, quantize: bool,
-                       save_mask: bool) -> tuple[Tensor, Tensor]:
+                       save_mask: bool, byte_mask: bool = False) -> tuple[Tensor, Tensor]:
     """(out, mask); the observer state and qparams are updated in place (see
     reference.fq_observe_forward). out and mask are empty when not quantize."""
-    return _observe_impl(x)(x, min_val, max_val, scale, zero_point, axis, averaging_constant,
-                            moving_average, quant_min, quant_max, symmetric,
-                            symmetric_zero_point, eps, quantize, save_mask)
+    x = _dense(x)
+    out, mask = _observe_impl(x)(x, min_val, max_val, scale, zero_point, axis,
+                                 averaging_constant, moving_average, quant_min, quant_max,
+                                 symmetric, symmetric_zero_point, eps, quantize, save_mask)
+    return out, _mask_out(out, mask, quantize and save_mask and byte_mask)
 
 
 @fake_quant_observe.register_fake
 def _(x, min_val, max_val, scale, zero_point, axis, averaging_constant, moving_average,
-      quant_min, quant_max, symmetric, symmetric_zero_point, eps, quantize, save_mask):
+      quant_min, quant_max, symmetric, symmetric_zero_point, eps, quantize, save_mask,
+      byte_mask=False):
     if not quantize:
         return x.new_empty(0), x.new_empty(0, dtype=torch.uint8)
-    return torch.empty_like(x), x.new_empty(_mask_numel(x.numel(), save_mask), dtype=torch.uint8)
+    return torch.empty_like(x), _fake_mask(x, save_mask, byte_mask)
 
 
 class ObserveFakeQuant(torch.autograd.Function):
@@ -357,7 +440,7 @@ class ObserveFakeQuant(torch.autograd.Function):
         out, mask = fake_quant_observe(x, min_val, max_val, scale, zero_point, axis,
                                        averaging_constant, moving_average, quant_min,
                                        quant_max, symmetric, symmetric_zero_point, eps, True,
-                                       save_mask)
+                                       save_mask, byte_mask(x, save_mask))
         _mask_setup(ctx, out, mask, save_mask)
         ctx.mark_non_differentiable(mask)
         return out, mask

@@ -43,8 +43,12 @@ def pack_mask(bits_flat: torch.Tensor) -> torch.Tensor:
 def unpack_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Inverse of pack_mask for a dense tensor `like`: bool tensor of like's shape."""
     n = like.numel()
+    # a 256 x 8 table of each byte's bits, gathered: one pass that writes a byte per element
+    # (shifting the mask broadcast to [bytes, 8] took three int32 passes)
     shifts = torch.arange(8, device=mask.device, dtype=torch.int32)
-    bits = ((mask.to(torch.int32)[:, None] >> shifts) & 1).reshape(-1)[:n].bool()
+    table = ((torch.arange(256, device=mask.device, dtype=torch.int32)[:, None] >> shifts) & 1
+             ).bool()
+    bits = table.index_select(0, mask.to(torch.int32)).reshape(-1)[:n]
     perm = memory_order(like)
     permuted_shape = [like.size(d) for d in perm]
     inv = [0] * len(perm)

@@ -23,6 +23,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -506,6 +507,32 @@ void calculate_qparams(float min_val, float max_val, int64_t quant_min, int64_t 
   }
   *scale = s;
   *zero_point = static_cast<int32_t>(zp);
+}
+
+void unpack_mask(const uint8_t* mask, bool* out, int64_t n) {
+  if (n <= 0) return;
+  // the 8 bools of each byte value as one 64-bit store (byte k of the word = bit k)
+  static const auto table = [] {
+    std::array<uint64_t, 256> t{};
+    for (int v = 0; v < 256; ++v) {
+      unsigned char b[8];
+      for (int k = 0; k < 8; ++k) b[k] = static_cast<unsigned char>((v >> k) & 1);
+      std::memcpy(&t[v], b, 8);
+    }
+    return t;
+  }();
+  at::parallel_for(0, num_chunks(n), 1, [&](int64_t cb, int64_t ce) {
+    const int64_t b0 = cb * kChunk;
+    const int64_t b1 = std::min(n, ce * kChunk);
+    const int64_t full = (b1 - b0) / 8;
+    const uint8_t* m = mask + b0 / 8;
+    int64_t j = 0;
+    if (avx2::available()) {
+      j = avx2::unpack_mask(m, reinterpret_cast<uint8_t*>(out + b0), full);
+    }
+    for (; j < full; ++j) std::memcpy(out + b0 + 8 * j, &table[m[j]], 8);
+    for (int64_t i = b0 + 8 * full, k = 0; i < b1; ++i, ++k) out[i] = (m[full] >> k) & 1u;
+  });
 }
 
 #define ACQ_INSTANTIATE(T)                                                                   \

@@ -35,6 +35,9 @@ void fq_forward(const T* x, T* out, uint8_t* mask, int64_t n, const FqParams& p)
 template <typename T>
 void fq_mask_backward(const T* grad, const uint8_t* mask, T* out, int64_t n);
 
+// out[i] = bit_i(mask), one byte (0/1, a bool) per element
+void unpack_mask(const uint8_t* mask, bool* out, int64_t n);
+
 // Backward of torch's learnable (LSQ) fake quant. zero_point holds the zero point already
 // rounded/clamped the way torch's backward does it; the sums are per channel, fp32 results
 // (accumulated per block in fp32, blocks combined in fp64 in a fixed order: deterministic).

@@ -100,6 +100,24 @@ ACQ_AVX2 void mask_backward_f32(const float* grad, const uint8_t* mask, float* o
   }
 }
 
+ACQ_AVX2 int64_t unpack_mask(const uint8_t* mask, uint8_t* out, int64_t nbytes) {
+  // 4 mask bytes -> 32 output bytes: byte lane k takes mask byte k / 8 and tests bit k % 8
+  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+  const __m256i one = _mm256_set1_epi8(1);
+  int64_t j = 0;
+  for (; j + 4 <= nbytes; j += 4) {
+    int32_t word;
+    std::memcpy(&word, mask + j, 4);
+    // vpshufb works within 128-bit lanes: bytes 0..3 are in both lanes after the broadcast
+    const __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32(word), spread);
+    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(b, bit), bit);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8 * j), _mm256_and_si256(set, one));
+  }
+  return j;
+}
+
 #else  // not x86-64 gcc/clang: the portable loops run
 
 bool available() { return false; }
@@ -111,6 +129,7 @@ int64_t fq_run_f32(const float*, float*, uint8_t*, int64_t, float, float, float,
   return 0;
 }
 void mask_backward_f32(const float*, const uint8_t*, float*, int64_t) {}
+int64_t unpack_mask(const uint8_t*, uint8_t*, int64_t) { return 0; }
 
 #endif
 

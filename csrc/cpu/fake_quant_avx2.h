@@ -27,4 +27,8 @@ int64_t fq_run_f32(const float* x, float* out, uint8_t* flags, int64_t n, float 
 // out[i] = grad[i] * bit_i(mask) for the 8 * nbytes elements of nbytes whole mask bytes.
 void mask_backward_f32(const float* grad, const uint8_t* mask, float* out, int64_t nbytes);
 
+// out[i] = bit_i(mask) as 0/1 bytes for the 8 * nbytes elements of nbytes whole mask bytes;
+// returns how many whole bytes it did (a multiple of 4), the caller does the rest.
+int64_t unpack_mask(const uint8_t* mask, uint8_t* out, int64_t nbytes);
+
 }  // namespace acq::cpu::avx2

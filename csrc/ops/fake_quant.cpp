@@ -193,6 +193,21 @@ Tensor fq_mask_backward_cpu(const Tensor& grad, const Tensor& mask) {
   return out;
 }
 
+// The packed STE mask as one bool per element, laid out like `like` (the forward's output):
+// what traced graphs keep, see ops.byte_mask.
+Tensor fq_unpack_mask_cpu(const Tensor& mask, const Tensor& like) {
+  TORCH_CHECK(like.is_non_overlapping_and_dense(), "like must be non-overlapping and dense");
+  TORCH_CHECK(mask.device() == like.device(), "mask must be on ", like.device());
+  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.dim() == 1 && mask.is_contiguous(),
+              "mask must be a 1-D contiguous uint8 tensor");
+  TORCH_CHECK(mask.numel() == (like.numel() + 7) / 8, "mask must have ceil(like.numel() / 8) = ",
+              (like.numel() + 7) / 8, " bytes, got ", mask.numel());
+  Tensor out = at::empty_like(like, like.options().dtype(at::kBool));
+  acq::cpu::unpack_mask(mask.const_data_ptr<uint8_t>(), out.mutable_data_ptr<bool>(),
+                        like.numel());
+  return out;
+}
+
 // Checks the learnable backward's arguments; returns grad laid out like x (autograd may hand
 // over e.g. an expanded gradient; the kernels walk grad and x in the same memory order).
 Tensor check_learnable(const Tensor& grad, const Tensor& x, const Tensor& scale,
@@ -602,6 +617,7 @@ TORCH_LIBRARY_FRAGMENT(acq_kernels_C, m) {
   m.def("fq_forward(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
         "int axis, bool save_mask) -> (Tensor out, Tensor mask)");
   m.def("fq_mask_backward(Tensor grad, Tensor mask) -> Tensor");
+  m.def("fq_unpack_mask(Tensor mask, Tensor like) -> Tensor");
   m.def("fq_learnable_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, "
         "int quant_min, int quant_max, int axis, float grad_factor) "
         "-> (Tensor dx, Tensor dscale, Tensor dzero_point)");
@@ -622,6 +638,7 @@ TORCH_LIBRARY_FRAGMENT(acq_kernels_C, m) {
 TORCH_LIBRARY_IMPL(acq_kernels_C, CPU, m) {
   m.impl("fq_forward", &fq_forward_cpu);
   m.impl("fq_mask_backward", &fq_mask_backward_cpu);
+  m.impl("fq_unpack_mask", &fq_unpack_mask_cpu);
   m.impl("fq_learnable_backward", &fq_learnable_backward_cpu);
   m.impl("fq_minmax_forward", &fq_minmax_forward_cpu);
   m.impl("fq_moving_average_forward", &fq_moving_average_forward_cpu);
