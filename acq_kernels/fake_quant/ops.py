@@ -56,7 +56,8 @@ def _f32(t: Tensor) -> Tensor:
     return t.to(torch.float32).reshape(-1).contiguous()
 
 
-# torch >= 2.8 takes tags in custom_op (2.7 does not: its ops keep the default layout constraint).
+# custom_op takes tags in the torch versions we test except 2.7, whose ops keep the default
+# layout constraint (fixed stride order: correct, with the copies _custom_op avoids).
 _FLEXIBLE = ({"tags": (torch.Tag.flexible_layout,)}
              if "tags" in inspect.signature(torch.library.custom_op).parameters else {})
 
