@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import _validation as V
 from . import ops
-from .reference import memory_order
+from .reference import is_dense
 
 _EPS = torch.finfo(torch.float32).eps
 
@@ -33,9 +33,7 @@ _EPS = torch.finfo(torch.float32).eps
 def _dense(x: Tensor) -> Tensor:
     """x itself when non-overlapping and dense (any dim order: contiguous, channels_last, ...),
     else a contiguous copy; kernels walk x in memory order."""
-    if x.is_contiguous() or x.permute(memory_order(x)).is_contiguous():
-        return x
-    return x.contiguous()
+    return x if is_dense(x) else x.contiguous()
 
 
 def _check_x(op: str, x) -> None:

@@ -74,9 +74,7 @@ def _custom_op(name: str, mutates_args=(), flexible: bool = True):
 def _dense(x: Tensor) -> Tensor:
     """x, or, for a view with gaps (flexible_layout lets inductor pass any strides), a dense copy
     laid out as torch.empty_like(x), which is what the fake kernels promise."""
-    if x.is_contiguous() or x.permute(reference.memory_order(x)).is_contiguous():
-        return x
-    return torch.empty_like(x).copy_(x)
+    return x if reference.is_dense(x) else torch.empty_like(x).copy_(x)
 
 
 def _tracing(t: Tensor) -> bool:

@@ -25,6 +25,12 @@ def memory_order(x: torch.Tensor) -> list[int]:
     return sorted(range(x.dim()), key=lambda d: -x.stride(d)) if x.dim() else []
 
 
+def is_dense(x: torch.Tensor) -> bool:
+    """Whether x is non-overlapping and dense (any dim order: contiguous, channels_last, ...),
+    so that kernels can walk it in memory order."""
+    return x.is_contiguous() or x.permute(memory_order(x)).is_contiguous()
+
+
 def to_memory_flat(t: torch.Tensor, perm: list[int]) -> torch.Tensor:
     """t's elements in the memory order given by `perm` (of a tensor laid out like t)."""
     return t.permute(perm).reshape(-1)

@@ -172,13 +172,18 @@ std::tuple<Tensor, Tensor> fq_forward_cpu(const Tensor& x, const Tensor& scale,
   return {out, mask};
 }
 
-void check_mask_backward(const Tensor& grad, const Tensor& mask) {
-  check_x(grad, "grad");
-  TORCH_CHECK(mask.device() == grad.device(), "mask must be on ", grad.device());
+// A packed mask of t's elements: on t's device, 1-D contiguous uint8, ceil(numel / 8) bytes.
+void check_packed_mask(const Tensor& mask, const Tensor& t, const char* name) {
+  TORCH_CHECK(mask.device() == t.device(), "mask must be on ", t.device());
   TORCH_CHECK(mask.scalar_type() == at::kByte && mask.dim() == 1 && mask.is_contiguous(),
               "mask must be a 1-D contiguous uint8 tensor");
-  TORCH_CHECK(mask.numel() == (grad.numel() + 7) / 8, "mask must have ceil(grad.numel() / 8) = ",
-              (grad.numel() + 7) / 8, " bytes, got ", mask.numel());
+  TORCH_CHECK(mask.numel() == (t.numel() + 7) / 8, "mask must have ceil(", name,
+              ".numel() / 8) = ", (t.numel() + 7) / 8, " bytes, got ", mask.numel());
+}
+
+void check_mask_backward(const Tensor& grad, const Tensor& mask) {
+  check_x(grad, "grad");
+  check_packed_mask(mask, grad, "grad");
 }
 
 Tensor fq_mask_backward_cpu(const Tensor& grad, const Tensor& mask) {
@@ -197,11 +202,7 @@ Tensor fq_mask_backward_cpu(const Tensor& grad, const Tensor& mask) {
 // what traced graphs keep, see ops.byte_mask.
 Tensor fq_unpack_mask_cpu(const Tensor& mask, const Tensor& like) {
   TORCH_CHECK(like.is_non_overlapping_and_dense(), "like must be non-overlapping and dense");
-  TORCH_CHECK(mask.device() == like.device(), "mask must be on ", like.device());
-  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.dim() == 1 && mask.is_contiguous(),
-              "mask must be a 1-D contiguous uint8 tensor");
-  TORCH_CHECK(mask.numel() == (like.numel() + 7) / 8, "mask must have ceil(like.numel() / 8) = ",
-              (like.numel() + 7) / 8, " bytes, got ", mask.numel());
+  check_packed_mask(mask, like, "like");
   Tensor out = at::empty_like(like, like.options().dtype(at::kBool));
   acq::cpu::unpack_mask(mask.const_data_ptr<uint8_t>(), out.mutable_data_ptr<bool>(),
                         like.numel());
