@@ -140,38 +140,14 @@ __device__ __forceinline__ float block_sum(float v) {
   return s;
 }
 
-// torch.ao UniformQuantizationObserverBase._calculate_qparams as torch runs it on CUDA:
-// dividing a tensor by a Python scalar there is a multiply by the fp32 reciprocal.
+// torch.ao UniformQuantizationObserverBase._calculate_qparams as torch runs it on CUDA
+// (dev::calc_qparams), with the symmetric zero point of torch.ao's dtypes (0 signed, the
+// midpoint unsigned). 1.0f / x there (no fast math) is the same IEEE reciprocal as __frcp_rn.
 __device__ __forceinline__ void calc_qparams(float mn, float mx, int qmin, int qmax,
                                              bool symmetric, float eps, float* scale,
                                              int32_t* zero_point) {
-  if (mn == kInf && mx == -kInf) {  // nothing observed
-    *scale = 1.0f;
-    *zero_point = 0;
-    return;
-  }
-  const float min_neg = (mn < 0.0f || mn != mn) ? mn : 0.0f;
-  float max_pos = (mx > 0.0f || mx != mx) ? mx : 0.0f;
-  float s;
-  int zp;
-  if (symmetric) {
-    const float neg = -min_neg;
-    max_pos = (neg > max_pos || neg != neg) ? neg : max_pos;
-    const float half_range = static_cast<float>(static_cast<double>(qmax - qmin) / 2);
-    s = __fmul_rn(max_pos, 1.0f / half_range);
-    s = (s < eps) ? eps : s;
-    zp = qmin < 0 ? 0 : (qmin + qmax) / 2;
-  } else {
-    s = __fmul_rn(__fsub_rn(max_pos, min_neg), 1.0f / static_cast<float>(qmax - qmin));
-    s = (s < eps) ? eps : s;
-    const float r = rintf(__fdiv_rn(min_neg, s));
-    // torch on CUDA: round(min_neg / scale).to(int32) turns NaN (min_val = -inf) into 0;
-    // spelled out since a C++ cast of NaN is undefined. Otherwise |r| <= qmax - qmin.
-    zp = qmin - (r == r ? static_cast<int>(r) : 0);
-    zp = zp < qmin ? qmin : (zp > qmax ? qmax : zp);
-  }
-  *scale = s;
-  *zero_point = zp;
+  dev::calc_qparams(mn, mx, qmin, qmax, symmetric, qmin < 0 ? 0 : (qmin + qmax) / 2, eps, scale,
+                    zero_point);
 }
 
 // Where an observer's qparams go, and calc_qparams's settings: one struct that every observer
