@@ -150,3 +150,27 @@ def test_moving_average_bad_args_leave_buffers_untouched():
     bufs[2].fill_(0.0)
     with pytest.raises(ValueError, match="scale must be positive"):
         ak.fake_quantize_moving_average(X, *bufs, 0, 255, observe=False)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(quant_min=5, quant_max=2), ValueError, r"quant_min \(5\) must be <= quant_max \(2\)"),
+    (dict(quant_min=0, quant_max=300), ValueError, r"torch.quint8's range \[0, 255\]"),
+    (dict(quant_min=-200, quant_max=7, dtype=torch.qint8), ValueError, r"torch.qint8.s range"),
+    (dict(quant_min=0.5, quant_max=3), TypeError, "quant_min must be an int"),
+    (dict(quant_min=0, quant_max=True), TypeError, "quant_max must be an int"),
+])
+def test_fake_quant_range_errors_name_the_argument(kwargs, exc, match):
+    """torch.ao's FakeQuantize asserts these (AssertionError); FakeQuant says what is wrong."""
+    with pytest.raises(exc, match=match):
+        ak.FakeQuant(**kwargs)
+    with pytest.raises(exc, match=match):  # the qconfig way: dtype inside with_args
+        ak.FakeQuant.with_args(**kwargs)()
+
+
+def test_fake_quant_range_checks_accept_what_torch_accepts():
+    import numpy as np
+    from torch.ao.quantization import FakeQuantize
+    for kwargs in (dict(quant_min=0, quant_max=255), dict(quant_min=np.int64(0), quant_max=15),
+                   dict(quant_min=-128, quant_max=127, dtype=torch.qint8), dict(quant_min=None)):
+        FakeQuantize(**kwargs)
+        ak.FakeQuant(**kwargs)

@@ -68,6 +68,24 @@ def _check_choice(name: str, value, choices: tuple) -> str:
     return value
 
 
+def _check_quant_range(quant_min, quant_max, observer, observer_kwargs: dict) -> None:
+    """The range checks torch.ao's FakeQuantize makes with AssertionError, as a TypeError /
+    ValueError naming the argument, before anything is built. Without both bounds torch takes
+    the range from the dtype and so do we."""
+    if quant_min is None or quant_max is None:
+        return
+    qmin = V.check_int("FakeQuant", "quant_min", quant_min)
+    qmax = V.check_int("FakeQuant", "quant_max", quant_max)
+    if qmin > qmax:
+        raise ValueError(f"FakeQuant: quant_min ({qmin}) must be <= quant_max ({qmax})")
+    dtype = observer_kwargs.get("dtype", torch.quint8)
+    dtype = getattr(getattr(observer, "p", None), "keywords", {}).get("dtype", dtype)  # with_args
+    info = torch.iinfo(dtype)
+    if qmin < info.min or qmax > info.max:
+        raise ValueError(f"FakeQuant: quant_min/quant_max ({qmin}, {qmax}) must lie in {dtype}'s "
+                         f"range [{info.min}, {info.max}]")
+
+
 # Observers whose forward the fused op reproduces exactly -> whether it is a moving average.
 # Exact types only: a subclass may change forward.
 _FUSABLE_OBSERVERS = {
@@ -202,6 +220,7 @@ class FakeQuant(TorchaoCompatible, FakeQuantize):
         # Validate our options before torch builds anything.
         ste = _check_choice("ste", ste, STE_MODES)
         range_mode = _check_choice("range_mode", range_mode, RANGE_MODES)
+        _check_quant_range(quant_min, quant_max, observer, observer_kwargs)
         super().__init__(observer, quant_min, quant_max, is_dynamic, **observer_kwargs)
         if self.qscheme == torch.per_channel_affine_float_qparams and ste != "clipped":
             raise ValueError("ste must be 'clipped' for qscheme per_channel_affine_float_qparams "
