@@ -1,12 +1,16 @@
 """`python -m acq_kernels`: versions, built backends, and the backend each device would use."""
+import argparse
 import platform
+from typing import Optional, Sequence
 
 import torch
 
 from . import __version__, _backend, _extension
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    # Takes no options; argparse gives --help and exits 2 on anything else (not silently ignored).
+    argparse.ArgumentParser(prog="python -m acq_kernels", description=__doc__).parse_args(argv)
     print(f"acq_kernels {__version__}")
     print(f"python {platform.python_version()}  torch {torch.__version__}  "
           f"torch CUDA {torch.version.cuda or 'none'}")

@@ -79,6 +79,10 @@ def test_cli_reports_backends():
     out = subprocess.run([sys.executable, "-m", "acq_kernels"], capture_output=True, text=True,
                          check=True).stdout
     assert "torch" in out and "backend" in out and "cpu" in out
+    bad = subprocess.run([sys.executable, "-m", "acq_kernels", "--bogus"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr
+    assert "Traceback" not in bad.stderr and not bad.stdout
 
 
 def test_tune_cpu_allocator_keeps_freed_buffers_for_reuse():
