@@ -114,6 +114,34 @@ def _assert_same_state(ma, mb):
 @pytest.mark.parametrize("build", [prepared, HookFree])
 def test_compiled_training_equals_eager_and_sees_flag_changes(build):
     torch._dynamo.reset()
+    if build is HookFree:
+        # Traced for inductor's layout optimization, the conv weight's fake quant comes out
+        # channels-last, and so does the conv output LSQ then reads: its scale gradient sums
+        # in that memory order (ops.conv_weight_channels_last). Bitwise eager with the
+        # optimization off; test_layout_optimized_lsq_training_matches_eager covers it on.
+        with torch._inductor.config.patch(layout_optimization=False):
+            return _compiled_training_equals_eager_and_sees_flag_changes(build)
+    _compiled_training_equals_eager_and_sees_flag_changes(build)
+
+
+def test_layout_optimized_lsq_training_matches_eager():
+    torch._dynamo.reset()
+    eager = HookFree()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    a, b = _train(eager, 3, _x), _train(compiled, 3, _x)
+    # only the summation order of LSQ's scale/zero-point gradients differs (a few ulps)
+    torch.testing.assert_close(a[0][0], b[0][0], rtol=0, atol=0)
+    for (oa, ga), (ob, gb) in zip(a, b):
+        torch.testing.assert_close(oa, ob, rtol=1e-5, atol=1e-6)
+        for x, y in zip(ga, gb):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    sa, sb = eager.state_dict(), compiled_model.state_dict()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _compiled_training_equals_eager_and_sees_flag_changes(build):
     eager = build()
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
@@ -148,6 +176,50 @@ def test_inductor_compiled_training_equals_eager():
     for k, v in eager.state_dict().items():
         if "fake_quant" in k or "post_process" in k:
             torch.testing.assert_close(v, compiled_model.state_dict()[k], msg=k)
+
+
+def test_traced_conv_weight_fake_quant_is_channels_last_and_unchanged(monkeypatch):
+    """Under compile a conv weight's fake quant (4-D, per output channel) is laid out
+    channels-last, as inductor runs CPU convs, with the values, mask and observer state of the
+    NCHW call; activations and other tensors keep their layout; eager never changes it."""
+    from acq_kernels.fake_quant import ops
+    seen, original = [], ops.conv_weight_channels_last
+
+    def record(x, axis):
+        flag = original(x, axis)
+        seen.append((tuple(x.shape), axis, flag))
+        return flag
+
+    torch._dynamo.reset()
+    m = prepared()
+    m(_x(0))
+    eager_flags = [ops.conv_weight_channels_last(m.conv.weight, 0),
+                   ops.conv_weight_channels_last(_x(0), -1)]
+    assert eager_flags == [False, False]
+    monkeypatch.setattr(ops, "conv_weight_channels_last", record)
+    torch.compile(m, fullgraph=True, backend="aot_eager")(_x(1))
+    monkeypatch.undo()
+    expected = torch._C._has_mkldnn and torch._inductor.config.layout_optimization
+    assert ((4, 3, 3, 3), 0, expected) in seen
+    assert all(not flag for shape, axis, flag in seen if shape != (4, 3, 3, 3))
+
+    w = torch.randn(6, 5, 3, 3) * 2
+    results = []
+    for channels_last in (False, True):
+        state = [torch.full((6,), float("inf")), torch.full((6,), float("-inf")),
+                 torch.ones(6), torch.zeros(6, dtype=torch.int32)]
+        out, mask = ops.fake_quant_observe(w, *state, 0, 0.01, True, -8, 7, True, 0,
+                                           torch.finfo(torch.float32).eps, True, True, True,
+                                           channels_last)
+        assert out.is_contiguous(memory_format=torch.channels_last if channels_last
+                                 else torch.contiguous_format)
+        assert mask.stride() == out.stride()
+        fixed, fixed_mask = ops.fake_quant(w, state[2], state[3], -8, 7, 0, True, True,
+                                           channels_last)
+        assert fixed.stride() == out.stride() and fixed_mask.stride() == out.stride()
+        results.append([out, mask, fixed, fixed_mask, *state])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("build", [prepared, HookFree])

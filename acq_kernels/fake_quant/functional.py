@@ -115,8 +115,9 @@ def fake_quantize(x: Tensor, scale, zero_point, quant_min: int, quant_max: int, 
     zp = _zero_point_tensor(op, zero_point, x, axis, qmin, qmax)
     x = _dense(x)
     save_mask = _wants_mask(x, ste)
-    out, _ = ops.fake_quant(x, s, zp, qmin, qmax, -1 if axis is None else axis, save_mask,
-                            ops.byte_mask(x, save_mask))
+    axis = -1 if axis is None else axis
+    out, _ = ops.fake_quant(x, s, zp, qmin, qmax, axis, save_mask, ops.byte_mask(x, save_mask),
+                            ops.conv_weight_channels_last(x, axis))
     return out
 
 

@@ -356,7 +356,8 @@ class FakeQuant(TorchaoCompatible, FakeQuantize):
                             p.clipped)
         save_mask = p.clipped and x.requires_grad and torch.is_grad_enabled()
         return _ops.fake_quant(x, self.scale, self.zero_point, p.quant_min, p.quant_max,
-                               p.axis, save_mask, _ops.byte_mask(x, save_mask))[0]
+                               p.axis, save_mask, _ops.byte_mask(x, save_mask),
+                               _ops.conv_weight_channels_last(x, p.axis))[0]
 
     def forward(self, X):
         # Checked first: torch's observers would update their state before our op rejects X.

@@ -115,7 +115,8 @@ def _ts_args(*kinds):
     return symbolic_helper.parse_args(*kinds)
 
 
-def _ts_fake_quant(g, x, scale, zero_point, quant_min, quant_max, axis, save_mask, byte_mask):
+def _ts_fake_quant(g, x, scale, zero_point, quant_min, quant_max, axis, save_mask, byte_mask,
+                   channels_last):
     b = _TorchScriptBuilder(g)
     return _emit_qdq(b, x, scale, zero_point, quant_min, quant_max, axis), b.const(_EMPTY_MASK)
 
@@ -135,7 +136,7 @@ def register_torchscript_symbolics() -> None:
         return
     from torch.onnx import register_custom_op_symbolic
     table = {
-        "acq_kernels::fake_quant": _ts_args("v", "v", "v", "i", "i", "i", "b", "b")(_ts_fake_quant),
+        "acq_kernels::fake_quant": _ts_args("v", "v", "v", "i", "i", "i", "b", "b", "b")(_ts_fake_quant),
         "acq_kernels::fake_quant_learnable":
             _ts_args("v", "v", "v", "i", "i", "i", "f")(_ts_learnable),
     }
@@ -147,7 +148,7 @@ def register_torchscript_symbolics() -> None:
 # --- dynamo exporter ------------------------------------------------------------------------
 
 def _dy_fake_quant(x, scale, zero_point, quant_min: int, quant_max: int, axis: int,
-                   save_mask: bool, byte_mask: bool = False):
+                   save_mask: bool, byte_mask: bool = False, channels_last: bool = False):
     b = _OnnxScriptBuilder()
     return _emit_qdq(b, x, scale, zero_point, quant_min, quant_max, axis), b.const(_EMPTY_MASK)
 

@@ -104,6 +104,39 @@ def _restride(grad: Tensor, shape, stride) -> Tensor:
     return g
 
 
+def conv_weight_channels_last(x: Tensor, axis: int) -> bool:
+    """Whether a fake quant of x should lay its outputs out channels-last: when torch.compile
+    traces a contiguous 4-D CPU tensor quantized per output channel (a conv weight) for
+    inductor, which runs CPU convs channels-last (layout optimization with mkldnn). Laid out
+    like the NCHW parameter, the op's output and its saved bool mask would each go through one
+    of inductor's transposing copies after the op, every step; the op relays x once instead
+    (aten's copy), and its kernels write both outputs in that layout. Measured on ResNet-18's
+    compiled QAT step (B=16, 112 px, 2-core CPU, caches off): 568-594 ms -> 444 ms, float
+    357-382 ms (2026-12-03). Min/max and every element's result do not depend on the layout,
+    so this changes no value. Not while exporting: an exported graph keeps the traced layout."""
+    if (axis != 0 or x.dim() != 4 or x.device.type != "cpu"
+            or not torch.compiler.is_compiling() or _is_exporting()
+            or x.is_contiguous(memory_format=torch.channels_last)):
+        return False
+    import torch._inductor.config as inductor_config  # (imported by torch.compile already)
+    return bool(inductor_config.layout_optimization and torch._C._has_mkldnn)
+
+
+def _is_exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting())
+
+
+def _laid_out(x: Tensor, channels_last: bool) -> Tensor:
+    """The op's input as its kernels read it: channels-last when asked, else dense."""
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else _dense(x)
+
+
+def _fake_out(x: Tensor, channels_last: bool) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.channels_last if channels_last
+                            else torch.preserve_format)
+
+
 def _mask_numel(n, save_mask: bool):
     return (n + 7) // 8 if save_mask else 0
 
@@ -138,17 +171,21 @@ def _fake_mask(x: Tensor, save_mask: bool, byte_mask: bool) -> Tensor:
 
 @_custom_op("acq_kernels::fake_quant")
 def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int,
-               axis: int, save_mask: bool, byte_mask: bool = False) -> tuple[Tensor, Tensor]:
+               axis: int, save_mask: bool, byte_mask: bool = False,
+               channels_last: bool = False) -> tuple[Tensor, Tensor]:
     """(out, mask: packed bits, or bools when byte_mask); scale float32 [1]/[C], zero_point
-    int32 [1]/[C], axis -1 = per-tensor."""
-    x = _dense(x)
+    int32 [1]/[C], axis -1 = per-tensor; outputs channels-last when channels_last (see
+    conv_weight_channels_last)."""
+    x = _laid_out(x, channels_last)
     out, mask = _impl(x, "fq_forward")(x, scale, zero_point, quant_min, quant_max, axis,
                                        save_mask)
     return out, _mask_out(out, mask, save_mask and byte_mask)
 
 
 @fake_quant.register_fake
-def _(x, scale, zero_point, quant_min, quant_max, axis, save_mask, byte_mask=False):
+def _(x, scale, zero_point, quant_min, quant_max, axis, save_mask, byte_mask=False,
+      channels_last=False):
+    x = _fake_out(x, channels_last)
     return torch.empty_like(x), _fake_mask(x, save_mask, byte_mask)
 
 
@@ -188,7 +225,7 @@ def _fq_setup(ctx, inputs, output):
 
 
 def _fq_backward(ctx, grad_out, grad_mask):
-    return _mask_grad(ctx, grad_out), None, None, None, None, None, None, None
+    return (_mask_grad(ctx, grad_out),) + (None,) * 8
 
 
 fake_quant.register_autograd(_fq_backward, setup_context=_fq_setup)
@@ -413,10 +450,12 @@ def fake_quant_observe(x: Tensor, min_val: Tensor, max_val: Tensor, scale: Tenso
                        zero_point: Tensor, axis: int, averaging_constant: float,
                        moving_average: bool, quant_min: int, quant_max: int, symmetric: bool,
                        symmetric_zero_point: int, eps: float, quantize: bool,
-                       save_mask: bool, byte_mask: bool = False) -> tuple[Tensor, Tensor]:
+                       save_mask: bool, byte_mask: bool = False,
+                       channels_last: bool = False) -> tuple[Tensor, Tensor]:
     """(out, mask); the observer state and qparams are updated in place (see
-    reference.fq_observe_forward). out and mask are empty when not quantize."""
-    x = _dense(x)
+    reference.fq_observe_forward). out and mask are empty when not quantize, channels-last
+    when channels_last (see conv_weight_channels_last)."""
+    x = _laid_out(x, channels_last and quantize)
     out, mask = _observe_impl(x)(x, min_val, max_val, scale, zero_point, axis,
                                  averaging_constant, moving_average, quant_min, quant_max,
                                  symmetric, symmetric_zero_point, eps, quantize, save_mask)
@@ -426,9 +465,10 @@ def fake_quant_observe(x: Tensor, min_val: Tensor, max_val: Tensor, scale: Tenso
 @fake_quant_observe.register_fake
 def _(x, min_val, max_val, scale, zero_point, axis, averaging_constant, moving_average,
       quant_min, quant_max, symmetric, symmetric_zero_point, eps, quantize, save_mask,
-      byte_mask=False):
+      byte_mask=False, channels_last=False):
     if not quantize:
         return x.new_empty(0), x.new_empty(0, dtype=torch.uint8)
+    x = _fake_out(x, channels_last)
     return torch.empty_like(x), _fake_mask(x, save_mask, byte_mask)
 
 
@@ -443,7 +483,8 @@ class ObserveFakeQuant(torch.autograd.Function):
         out, mask = fake_quant_observe(x, min_val, max_val, scale, zero_point, axis,
                                        averaging_constant, moving_average, quant_min,
                                        quant_max, symmetric, symmetric_zero_point, eps, True,
-                                       save_mask, byte_mask(x, save_mask))
+                                       save_mask, byte_mask(x, save_mask),
+                                       conv_weight_channels_last(x, axis))
         _mask_setup(ctx, out, mask, save_mask)
         ctx.mark_non_differentiable(mask)
         return out, mask
