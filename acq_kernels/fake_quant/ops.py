@@ -113,18 +113,14 @@ def conv_weight_channels_last(x: Tensor, axis: int) -> bool:
     (aten's copy), and its kernels write both outputs in that layout. Measured on ResNet-18's
     compiled QAT step (B=16, 112 px, 2-core CPU, caches off): 568-594 ms -> 444 ms, float
     357-382 ms (2026-12-03). Min/max and every element's result do not depend on the layout,
-    so this changes no value. Not while exporting: an exported graph keeps the traced layout."""
+    so this changes no value. (torch.export traces it too: torch.compiler.is_exporting() is True
+    under any dynamo trace in torch 2.11, so it cannot tell the two apart.)"""
     if (axis != 0 or x.dim() != 4 or x.device.type != "cpu"
-            or not torch.compiler.is_compiling() or _is_exporting()
+            or not torch.compiler.is_compiling()
             or x.is_contiguous(memory_format=torch.channels_last)):
         return False
     import torch._inductor.config as inductor_config  # (imported by torch.compile already)
     return bool(inductor_config.layout_optimization and torch._C._has_mkldnn)
-
-
-def _is_exporting() -> bool:
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(is_exporting and is_exporting())
 
 
 def _laid_out(x: Tensor, channels_last: bool) -> Tensor:
